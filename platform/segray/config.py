@@ -48,6 +48,8 @@ class DataConfig:
     unlabeled_split: str = "unlabeled"
     on_bad_sample: Literal["error", "skip"] = "error"
     prefetch_batches: int = 2
+    rows_per_execution: int = 0  # >= this many rows per Ray Data execution; 0 = the whole run
+    shuffle_buffer: int = 64  # rows; shards keep row order, so mix within a worker too
 
 
 @dataclass

@@ -74,7 +74,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     ).hexdigest()
     key = (endpoint, scheme, region, secret)
     if key not in _S3_CACHE:
-        kwargs: dict = {"region": region}
+        # Delayed open sends a small file as one PutObject instead of a multipart upload; a large
+        # file still goes multipart and is visible only once the upload completes.
+        kwargs: dict = {"region": region, "allow_delayed_open": True}
         if endpoint:
             kwargs.update(endpoint_override=endpoint, scheme=scheme)
         _S3_CACHE[key] = pafs.S3FileSystem(**kwargs)

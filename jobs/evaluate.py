@@ -1,0 +1,57 @@
+"""Evaluate a checkpoint on a dataset split: metrics JSON + prediction overlays.
+
+``python jobs/evaluate.py --checkpoint RUN/step_0000300 [--data URI] [--split val]
+[--mode whole|slide --crop 512 512 --stride 341 341] [--tta] [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from segray.cli import UsageParser
+from segray.launch import fail_usage
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = UsageParser(prog="jobs/evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (local or s3://)")
+    p.add_argument("--data", default=None, help="dataset URI (default: the run's dataset)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None)
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--stride", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
+    p.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"))
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--images", type=int, default=8, help="overlays to save")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval-<split>)")
+    args = p.parse_args(argv)
+
+    from segray import storage
+    from segray.evaluation import load_for_eval, run_evaluation
+
+    try:
+        method, model, cfg, info = load_for_eval(args.checkpoint, args.data)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        fail_usage(str(e.args[0] if isinstance(e, KeyError) else e))
+    if not info.has_split(args.split):
+        fail_usage(f"dataset {info.uri} has no split '{args.split}' "
+                   f"(it has: {', '.join(info.split_names)})")
+    e = cfg.eval
+    e.mode = args.mode or e.mode
+    e.crop, e.stride = args.crop or e.crop, args.stride or e.stride
+    e.tta = args.tta or e.tta
+    e.test_scale = args.test_scale or e.test_scale
+    if e.mode == "slide" and not (e.crop and e.stride):
+        fail_usage("--mode slide needs --crop H W and --stride H W (e.g. --crop 512 512 --stride 341 341)")
+    out = args.out or storage.join(args.checkpoint, f"eval-{args.split}")
+    summary = run_evaluation(method, model, cfg, info, args.split, out,
+                             max_images=args.max_images, keep=args.images)
+    print(json.dumps(summary["metrics"], indent=2))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Checkpoints: one folder per save, written to a temporary name and handed to Ray Train whole.
+
+Layout of a checkpoint folder (``<run>/step_0000300/``): ``state.pt`` (model, optimizer, scheduler,
+step, metric history; loaded with ``weights_only=True``) and ``meta.json`` (method, step, config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segray import storage
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def checkpoint_name(step: int) -> str:
+    """Deterministic checkpoint folder name for ``step``."""
+    return f"step_{step:07d}"
+
+
+def write_local(state: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Write a checkpoint into a fresh temporary folder and return its path."""
+    folder = tempfile.mkdtemp(prefix="segray-ckpt-")
+    tmp = Path(folder, STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, Path(folder, STATE_FILE))
+    Path(folder, META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def load_state(folder_or_uri: str) -> dict[str, Any]:
+    """Load ``state.pt`` from a local folder or an ``s3://`` checkpoint folder (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: naming the folder when it holds no ``state.pt``.
+    """
+    uri = storage.join(folder_or_uri, STATE_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"no checkpoint at {folder_or_uri}: expected {STATE_FILE} inside a step_NNNNNNN folder"
+        )
+    path = storage.local_copy(uri)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_meta(folder_or_uri: str) -> dict[str, Any]:
+    """Load ``meta.json`` of a checkpoint."""
+    return json.loads(storage.read_text(storage.join(folder_or_uri, META_FILE)))
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest complete ``step_*`` checkpoint folder of a run, or ``None``."""
+    names = [n for n in storage.list_dir(run_uri) if n.startswith("step_")]
+    for name in sorted(names, reverse=True):
+        folder = storage.join(run_uri, name)
+        if storage.exists(storage.join(folder, STATE_FILE)):
+            return folder
+    return None

@@ -1,0 +1,88 @@
+"""Command-line flags shared by the jobs, and config resolution from them.
+
+Usage errors (unknown method, preset or key, bad value, missing dataset) are printed without a
+traceback and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from segray.config import ConfigError, deep_merge, load_preset, parse_overrides, resolve
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse with exit code 2 and a one-line hint on errors (argparse's own convention)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}\n(see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_run_args(p: argparse.ArgumentParser, method_default: str | None = "supervised") -> None:
+    """Flags every run needs: method, preset, data, budget, scale, storage, name, seed, overrides."""
+    p.add_argument("--method", default=method_default, help="method name (see --list-methods)")
+    p.add_argument("--preset", default="demo", help="preset of the method (default: demo)")
+    p.add_argument("--preset-file", default=None,
+                   help="a preset YAML file instead of a shipped preset (e.g. a sweep's best.yaml)")
+    p.add_argument("--data", default=None, help="dataset URI (local folder or s3://); default: "
+                   "the built-in synthetic set")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate + checkpoint every N steps")
+    p.add_argument("--workers", type=int, default=None, help="number of Ray Train workers")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--storage", default=None, help="run storage root (local or s3://)")
+    p.add_argument("--name", default=None, help="run name; re-use a name to resume that run")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set optim.lr=0.01 (repeatable)")
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Resolve preset + flags + ``--set`` overrides into a validated :class:`~segray.config.Config`.
+
+    Raises:
+        SystemExit(2): on any usage error, with every problem listed.
+    """
+    from methods import get_method, preset_path
+
+    try:
+        method_cls = get_method(args.method)
+        if args.preset_file:
+            source = args.preset_file
+            raw = load_preset(args.preset_file)
+            preset = raw.pop("preset", None) or "custom"
+            if raw.get("method") not in (None, args.method):
+                raise ConfigError([f"{source} is a preset for method '{raw['method']}', "
+                                   f"not '{args.method}'"])
+            raw.pop("method", None)
+        else:
+            source = str(preset_path(args.method, args.preset))
+            raw = load_preset(source)
+            preset = args.preset
+        flags = {
+            "data.uri": args.data, "train.steps": args.steps, "data.batch_size": args.batch_size,
+            "train.eval_every": args.eval_every, "workers": args.workers,
+            "gpus_per_worker": args.gpus_per_worker, "storage": args.storage,
+            "name": args.name, "seed": args.seed,
+        }
+        items = [f"{k}={v}" for k, v in flags.items() if v is not None]
+        over = parse_overrides(items)
+        # Flags carry exact strings (paths, names): keep them unparsed.
+        for key in ("storage", "name"):
+            if flags[key] is not None:
+                over[key] = flags[key]
+        if args.data is not None:
+            over.setdefault("data", {})["uri"] = args.data
+        raw = deep_merge(deep_merge(raw, over), parse_overrides(args.overrides))
+        cfg = resolve(raw, method_cls.Knobs, args.method, source=source)
+        cfg.preset = preset
+        return cfg
+    except (ConfigError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None

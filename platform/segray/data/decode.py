@@ -1,0 +1,249 @@
+"""Decoding and the CPU-side geometric augmentation (random rescale + fixed-size crop).
+
+Pure NumPy/PIL, no Ray: the Ray Data stream (:mod:`segray.data.stream`) calls these per row, and
+tools and tests call them directly. Flips and photometric/strong augmentation are not here: they
+run on the training device in :mod:`segray.augment`.
+
+Example:
+    >>> rng = np.random.default_rng(0)
+    >>> img = np.zeros((50, 70, 3), np.uint8); msk = np.zeros((50, 70), np.uint8)
+    >>> out_img, out_msk = random_scale_crop(img, msk, crop=(64, 64), rng=rng)
+    >>> out_img.shape, out_msk.shape
+    ((64, 64, 3), (64, 64))
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from segray.data.shards import decode_mask_png
+
+
+class BadSampleError(ValueError):
+    """A row whose bytes cannot be used; names the shard and key so the file can be fixed.
+
+    Attributes:
+        shard: shard path or URI the row came from.
+        key: the row's key.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, shard: str, key: str, reason: str) -> None:
+        self.shard, self.key, self.reason = shard, key, reason
+        super().__init__(f"bad sample {key!r} in shard {shard}: {reason}")
+
+    def __reduce__(self) -> tuple:
+        # Ray pickles exceptions raised in workers; the default reduce would pass only the message.
+        return type(self), (self.shard, self.key, self.reason)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, ...) to RGB.
+
+    EXIF orientation is deliberately not applied: masks are aligned with the stored pixels.
+
+    Returns:
+        uint8 array (H, W, 3).
+
+    Raises:
+        ValueError: the bytes are not a decodable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image bytes ({type(e).__name__}: {e})") from e
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Decode a class-id PNG to uint8 (H, W) (uint16 for datasets past 255 values).
+
+    Raises:
+        ValueError: not a single-channel PNG.
+    """
+    return decode_mask_png(data)
+
+
+def multi_hot(labels: Sequence[int] | np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Image-level class ids -> uint8 multi-hot vector (K,).
+
+    Example:
+        >>> multi_hot([0, 2], 4).tolist()
+        [1, 0, 1, 0]
+    """
+    out = np.zeros(num_classes, dtype=np.uint8)
+    if labels is not None and len(labels):
+        out[np.asarray(labels, dtype=np.int64)] = 1
+    return out
+
+
+def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to ``size`` = (H, W), sampling pixel centres.
+
+    Label values are copied, never blended, so the output holds only values of the input.
+    """
+    h, w = mask.shape[:2]
+    new_h, new_w = size
+    rows = np.minimum(((np.arange(new_h) + 0.5) * h / new_h).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(new_w) + 0.5) * w / new_w).astype(np.int64), w - 1)
+    return mask[rows[:, None], cols[None, :]]
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 (H, W, 3) image to ``size`` = (H, W)."""
+    new_h, new_w = size
+    if image.shape[:2] == (new_h, new_w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+def random_scale_crop(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    crop: tuple[int, int],
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    rng: np.random.Generator | None = None,
+    cat_max_ratio: float = 1.0,
+    ignore_index: int = 255,
+    *,
+    base_scale: tuple[int, int] | None = None,
+    scale_choices: tuple[float, ...] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random rescale, random crop and pad to a fixed size (MMSeg ``Resize(img_scale,
+    ratio_range)`` + ``RandomCrop`` + ``Pad`` semantics).
+
+    The image is rescaled by a ratio drawn uniformly from ``scale_range`` keeping its aspect
+    (bilinear for the image, nearest for the mask), a ``crop``-sized window is drawn uniformly,
+    and what falls outside the rescaled image is padded at the bottom/right with 0 (image) and
+    ``ignore_index`` (mask). With ``cat_max_ratio < 1`` up to 10 windows are tried until no single
+    class covers more than that share of the labelled pixels (and at least two classes are seen).
+
+    Args:
+        image: uint8 (H, W, 3).
+        mask: integer (H, W) class ids, or None for an unlabelled image (output all ignore).
+        crop: output (crop_h, crop_w).
+        scale_range: (low, high) rescale ratios.
+        rng: random generator; a fresh unseeded one when None.
+        cat_max_ratio: largest share one class may take of a crop (1.0 disables the check).
+        ignore_index: mask value for padding.
+        base_scale: mmseg ``img_scale`` (long, short). The drawn ratio r scales it to
+            (long·r, short·r) and the image is resized keeping its aspect so it fits (mmcv
+            ``rescale_size``). None: the image's own size is scaled by r.
+        scale_choices: discrete ratios drawn uniformly (the SeMask fork's list ``ratio_range``)
+            instead of the ``scale_range`` interval.
+
+    Returns:
+        ``(image, mask)``: uint8 (crop_h, crop_w, 3) and (crop_h, crop_w) of the mask's dtype
+        (uint8 for an unlabelled image).
+
+    Raises:
+        ValueError: bad crop size or scale range, or mask size differs from image size.
+    """
+    crop_h, crop_w = (int(v) for v in crop)
+    lo, hi = (float(v) for v in scale_range)
+    if crop_h < 1 or crop_w < 1:
+        raise ValueError(f"crop must be (height, width) >= 1, got {crop}")
+    if not 0 < lo <= hi:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+    h, w = image.shape[:2]
+    if mask is None:
+        mask = np.full((h, w), ignore_index, dtype=np.uint8)
+    elif mask.shape[:2] != (h, w):
+        raise ValueError(f"mask is {mask.shape[0]}x{mask.shape[1]} but image is {h}x{w}")
+    rng = rng if rng is not None else np.random.default_rng()
+
+    ratio = float(rng.choice(scale_choices)) if scale_choices else rng.uniform(lo, hi)
+    if base_scale is not None:
+        long_max, short_max = int(max(base_scale) * ratio), int(min(base_scale) * ratio)
+        factor = min(long_max / max(h, w), short_max / min(h, w))
+    else:
+        factor = ratio
+    size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
+    image = resize_bilinear(image, size)
+    mask = resize_nearest(mask, size)
+
+    margin_h, margin_w = max(size[0] - crop_h, 0), max(size[1] - crop_w, 0)
+    for _ in range(10 if cat_max_ratio < 1.0 else 1):
+        y0, x0 = int(rng.integers(0, margin_h + 1)), int(rng.integers(0, margin_w + 1))
+        window = mask[y0:y0 + crop_h, x0:x0 + crop_w]
+        if cat_max_ratio >= 1.0:
+            break
+        _, counts = np.unique(window[window != ignore_index], return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    image = image[y0:y0 + crop_h, x0:x0 + crop_w]
+
+    out_image = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
+    out_mask = np.full((crop_h, crop_w), ignore_index, dtype=mask.dtype)
+    out_image[: image.shape[0], : image.shape[1]] = image
+    out_mask[: window.shape[0], : window.shape[1]] = window
+    return out_image, out_mask
+
+
+def validate_sample(
+    image_bytes: bytes,
+    mask_bytes: bytes | None,
+    *,
+    num_classes: int,
+    ignore_index: int = 255,
+    shard: str = "?",
+    key: str = "?",
+    height: int | None = None,
+    width: int | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode one row and check it, so a bad row is reported by shard and key.
+
+    Args:
+        image_bytes: encoded image.
+        mask_bytes: class-id PNG or None.
+        num_classes: valid label values are ``0 .. num_classes - 1`` and ``ignore_index``.
+        ignore_index: the ignore value.
+        shard: shard the row came from (for the error).
+        key: the row's key (for the error).
+        height: the row's recorded height, checked if given.
+        width: the row's recorded width, checked if given.
+        labels: the row's image-level class ids, checked against ``num_classes`` if given.
+
+    Returns:
+        ``(image, mask)``: uint8 (H, W, 3) and (H, W) or None.
+
+    Raises:
+        BadSampleError: undecodable image or mask, mask size != image size, recorded size !=
+            decoded size, mask values outside ``[0, num_classes)`` other than ignore, or
+            image-level labels outside ``[0, num_classes)``.
+    """
+    if labels is not None and len(labels):
+        ids = np.asarray(labels, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= num_classes:
+            raise BadSampleError(shard, key, f"image-level labels {ids.tolist()} are outside "
+                                             f"[0, {num_classes})")
+    try:
+        image = decode_image(image_bytes)
+    except ValueError as e:
+        raise BadSampleError(shard, key, f"image: {e}") from e
+    h, w = image.shape[:2]
+    if height is not None and width is not None and (int(height), int(width)) != (h, w):
+        raise BadSampleError(shard, key, f"image decodes to {h}x{w} but the row records "
+                                         f"{height}x{width}")
+    if mask_bytes is None:
+        return image, None
+    try:
+        mask = decode_mask(mask_bytes)
+    except ValueError as e:
+        raise BadSampleError(shard, key, f"mask: {e}") from e
+    if mask.shape != (h, w):
+        raise BadSampleError(shard, key, f"mask is {mask.shape[0]}x{mask.shape[1]} but image is "
+                                         f"{h}x{w}")
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if bad.size:
+        raise BadSampleError(shard, key, f"mask has label values {bad[:10].tolist()} outside "
+                                         f"[0, {num_classes}) (ignore = {ignore_index})")
+    return image, mask

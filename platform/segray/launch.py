@@ -1,0 +1,182 @@
+"""Driver side of a training run: resolve data, connect to Ray, build streams, fit a TorchTrainer.
+
+Example:
+    >>> summary = run_training(cfg)        # cfg from segray.config.resolve(...)
+    >>> summary["val"]["mIoU"], summary["run"]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from segray import report, storage
+from segray.config import Config, to_yaml
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (exit code 2, no traceback)."""
+
+
+def default_storage() -> str:
+    """Run storage root: ``$SEGRAY_STORAGE`` or ``~/segray_runs``."""
+    return os.environ.get("SEGRAY_STORAGE") or os.path.join(os.path.expanduser("~"), "segray_runs")
+
+
+def default_name(cfg: Config) -> str:
+    """A new run name: ``<method>-<preset>-<UTC timestamp>``."""
+    return f"{cfg.method}-{cfg.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def resolve_data(cfg: Config) -> Any:
+    """Open the configured dataset (generating the synthetic set on first use) and check its splits.
+
+    Raises:
+        UsageError: the dataset or a needed split is missing.
+    """
+    from segray.data import ensure_synthetic, open_dataset
+
+    uri = cfg.data.uri or ensure_synthetic()
+    try:
+        info = open_dataset(storage.absolute(uri))
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    needed = [cfg.data.train_split, cfg.data.val_split]
+    for split in needed:
+        if not info.has_split(split):
+            raise UsageError(f"dataset {uri} has no split '{split}' (it has: "
+                             f"{', '.join(info.split_names)}); set data.train_split / data.val_split")
+    return info
+
+
+def init_ray(cfg: Config) -> None:
+    """Attach to the cluster in ``RAY_ADDRESS`` or start a local instance sized for the run."""
+    import ray
+    import ray.data
+
+    # segray prints its own progress; Ray Data's terminal bars interleave badly with worker logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Logical CPUs: one per worker plus room for Ray Data's decode tasks, even on a 2-core laptop.
+    cpus = max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 2)
+    # address="local": always a private instance, never a `ray start` cluster that happens to run here.
+    # The dashboard serves the State API that Ray Train's placement-group cleaner polls; it binds
+    # to loopback only.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+
+
+MAX_PASSES = 64
+
+
+def passes_per_execution(info: Any, split: str, cfg: Config) -> int:
+    """Epochs one execution of a training stream covers.
+
+    Every execution restarts Ray Data's executor and decode workers, which costs seconds; on a
+    small dataset that would stall the model at every epoch. One execution therefore covers
+    ``data.rows_per_execution`` rows (0 = all the rows the run will consume), up to 64 epochs.
+    """
+    rows = max(info.num_rows(split), 1)
+    wanted = cfg.data.rows_per_execution or cfg.train.steps * cfg.data.batch_size
+    return min(MAX_PASSES, max(1, -(-wanted // rows)))
+
+
+def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None) -> Any:
+    """Build the ``TorchTrainer`` of a run (datasets, scaling, failure and checkpoint policies)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from methods import get_method
+    from segray.data import eval_dataset, train_dataset
+    from segray.engine import train_loop_per_worker
+
+    method_cls = get_method(cfg.method)
+    d = cfg.data
+    crop = tuple(d.crop_size)
+    common = dict(crop=crop, scale_range=tuple(d.scale_range), seed=cfg.seed,
+                  on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio,
+                  base_scale=tuple(d.base_scale) if d.base_scale else None,
+                  scale_choices=tuple(d.scale_choices) if d.scale_choices else None)
+    datasets = {"train": train_dataset(info, d.train_split, **common,
+                                       passes=passes_per_execution(info, d.train_split, cfg)),
+                "val": eval_dataset(info, d.val_split)}
+    if "unlabeled" in method_cls.streams:
+        if not info.has_split(d.unlabeled_split):
+            raise UsageError(f"method '{cfg.method}' needs an unlabelled split '{d.unlabeled_split}'"
+                             f" but dataset {info.uri} has only {', '.join(info.split_names)}")
+        datasets["unlabeled"] = train_dataset(
+            info, d.unlabeled_split, labeled=False, **common,
+            passes=passes_per_execution(info, d.unlabeled_split, cfg))
+    fs, root = storage.filesystem(run_root)
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    run_uri = storage.join(run_root, cfg.name)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg, "info": info, "run_uri": run_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=root,
+            storage_filesystem=fs if storage.is_s3(run_root) else None,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            callbacks=callbacks or None,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
+    )
+
+
+def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run and return its summary.
+
+    A run is identified by ``storage/name``: re-running with the same name resumes from its latest
+    checkpoint instead of starting over.
+
+    Raises:
+        UsageError: for bad data, method or storage arguments.
+        ray.train.TrainingFailedError: when workers fail more than ``train.max_failures`` times.
+    """
+    info = resolve_data(cfg)
+    cfg.name = cfg.name or default_name(cfg)
+    run_root = storage.absolute(cfg.storage or default_storage())
+    cfg.storage = run_root
+    run_uri = storage.join(run_root, cfg.name)
+    storage.makedirs(run_uri)
+    resumed = storage.exists(storage.join(run_uri, report.CONFIG_FILE))
+    text = to_yaml(cfg)
+    if not quiet:
+        print(f"[segray] {'resuming' if resumed else 'starting'} run {cfg.name} -> {run_uri}")
+        print(f"[segray] dataset {info.uri}: {info.num_classes} classes, "
+              f"{info.num_rows(cfg.data.train_split)} train / {info.num_rows(cfg.data.val_split)} val")
+        print("[segray] resolved config:\n" + text, flush=True)
+    storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
+    init_ray(cfg)
+    trainer = build_trainer(cfg, info, run_root, callbacks)
+    result = trainer.fit()
+    summary = result.return_value
+    if summary is None:
+        summary = _read_summary(run_uri)
+    return summary
+
+
+def _read_summary(run_uri: str) -> dict[str, Any]:
+    import json
+
+    return json.loads(storage.read_text(storage.join(run_uri, report.SUMMARY_FILE)))
+
+
+def fail_usage(message: str, code: int = 2) -> None:
+    """Print a usage error (no traceback) and exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,187 @@
+"""The body of a Ray Train worker: streams, the step loop, evaluation, checkpoints, report.
+
+Every rank runs the same code; rank 0 alone writes the run folder's files. ``ray.train.report`` is a
+barrier, so every rank reports at the same evaluation steps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from segray import report, storage
+from segray.checkpoint import checkpoint_name, load_state
+from segray.config import Config
+from segray.data import eval_rows, train_collate
+from segray.engine import StepRunner, endless, save_checkpoint, setup_worker
+from segray.evaluation import evaluate
+from segray.runtime import cpu_threads, seed_everything
+from segray.telemetry import WorkerTelemetry
+
+
+def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Train on this worker's shard; returns the run summary on rank 0 (``Result.return_value``)."""
+    cfg: Config = loop_config["config"]
+    info = loop_config["info"]
+    run_uri: str = loop_config["run_uri"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cpu_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    method, runner = setup_worker(cfg, info, device, world)
+
+    history: list[dict[str, Any]] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            state = load_state(folder)
+        runner.load_state_dict(state)
+        history = [h for h in state.get("history", []) if h.get("step", 0) <= runner.step_count]
+        history.append({"step": runner.step_count, "event": "resumed", "rank": rank})
+        if rank == 0:
+            _say(f"[segray] resumed from {checkpoint_name(runner.step_count)}")
+    seed_everything(cfg.seed + 1009 * rank + runner.step_count)
+
+    per_worker = cfg.data.batch_size // world
+    streams = _streams(method, cfg, per_worker, device)
+    telemetry = WorkerTelemetry(cfg.method, cfg.name)
+    total = cfg.train.steps
+    eval_every = cfg.train.eval_every or total
+    window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0, "steps": 0}
+    summary = None
+    last_epoch = None
+
+    while runner.step_count < total:
+        t_wait = time.perf_counter()
+        raw, epoch = _next_batch(streams)
+        window["wait"] += time.perf_counter() - t_wait
+        if last_epoch is not None and epoch != last_epoch:
+            _epoch_end(method, runner, last_epoch)
+        last_epoch = epoch
+        logs = runner.step(raw)
+        window["images"] += per_worker * world
+        window["steps"] += 1
+        step = runner.step_count
+        if step % cfg.train.log_every == 0 or step == total:
+            entry = _log_entry(step, logs, window, device)
+            history.append(entry)
+            telemetry.train(entry)
+            if rank == 0:
+                _say(_progress_line(entry, total))
+                if not storage.is_s3(run_uri):
+                    report.write_history(run_uri, history)
+            window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
+        if step % eval_every == 0 or step == total:
+            final = step == total
+            result = _evaluate(method, runner, cfg, info, rank, world, keep=final)
+            metrics = result.summary()
+            entry = {"step": step, **{k: v for k, v in metrics.items() if k != "val/IoU"}}
+            history.append(entry)
+            telemetry.evaluation(entry)
+            summary = _report(cfg, info, run_uri, runner, history, metrics, result, rank, final)
+            # No time is lost here measuring throughput: the window restarts after evaluation.
+            window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
+    return summary
+
+
+def _say(line: str) -> None:
+    # Ray Train patches print() and, with Ray's wrapped stdout, emits each line twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _streams(method: Any, cfg: Config, per_worker: int, device: torch.device) -> dict[str, Any]:
+    def iterator(name: str):
+        shard = ray.train.get_dataset_shard(name)
+        return endless(lambda: shard.iter_torch_batches(
+            batch_size=per_worker, collate_fn=train_collate, drop_last=True,
+            prefetch_batches=cfg.data.prefetch_batches, device=device,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + ray.train.get_context().get_world_rank()), name)
+
+    streams = {"labeled": iterator("train")}
+    if "unlabeled" in method.streams:
+        streams["unlabeled"] = iterator("unlabeled")
+    return streams
+
+
+def _next_batch(streams: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+    epoch, raw = next(streams["labeled"])
+    raw = dict(raw)
+    if "unlabeled" in streams:
+        _, unl = next(streams["unlabeled"])
+        raw["unlabeled_image"] = unl["image"]
+    return raw, epoch
+
+
+def _epoch_end(method: Any, runner: StepRunner, epoch: int) -> None:
+    hook = getattr(method, "on_epoch_end", None)
+    if callable(hook):
+        hook(runner.model, epoch)
+
+
+def _log_entry(step: int, logs: dict[str, float], window: dict, device: torch.device) -> dict:
+    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+    entry = {"step": step, **{f"train/{k}": v for k, v in logs.items()}}
+    entry["train/images_per_s"] = window["images"] / elapsed
+    entry["train/step_time_s"] = elapsed / max(window["steps"], 1)
+    entry["train/data_wait_share"] = window["wait"] / elapsed
+    entry["time"] = time.time()
+    if device.type == "cuda":
+        entry["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return entry
+
+
+def _progress_line(entry: dict, total: int) -> str:
+    step = entry["step"]
+    width = 20
+    done = int(width * step / total)
+    bar = "#" * done + "." * (width - done)
+    return (f"[segray] [{bar}] step {step}/{total} loss {entry['train/loss']:.4f} "
+            f"lr {entry['train/lr']:.2e} {entry['train/images_per_s']:.1f} img/s "
+            f"data-wait {100 * entry['train/data_wait_share']:.0f}%")
+
+
+def _evaluate(method: Any, runner: StepRunner, cfg: Config, info: Any, rank: int, world: int,
+              keep: bool) -> Any:
+    rows = eval_rows(ray.train.get_dataset_shard("val"), rank=rank, world=world)
+    result = evaluate(
+        method, runner.model, rows, num_classes=info.num_classes, ignore_index=info.ignore_index,
+        eval_cfg=cfg.eval, mean=cfg.augment.mean, std=cfg.augment.std,
+        device=runner.runtime.device, autocast=runner.runtime.autocast,
+        keep=cfg.train.report_images if keep and rank == 0 else 0,
+        max_images=(cfg.train.eval_max_images // world) if cfg.train.eval_max_images else 0,
+    )
+    return result.all_reduce()
+
+
+def _report(cfg: Config, info: Any, run_uri: str, runner: StepRunner, history: list[dict],
+            metrics: dict[str, Any], result: Any, rank: int, final: bool) -> dict[str, Any] | None:
+    step = runner.step_count
+    summary = None
+    checkpoint = None
+    folder = None
+    if rank == 0:
+        _say(f"[segray] eval @ step {step}: mIoU {metrics['val/mIoU']:.2f} "
+              f"(majority-class baseline {metrics['val/majority_mIoU']:.2f})")
+        report.write_history(run_uri, history)
+        folder = save_checkpoint(runner, cfg, history)
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        if final:
+            summary = report.finalize(cfg, info, run_uri, history, metrics, result,
+                                      checkpoint=storage.join(run_uri, checkpoint_name(step)))
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    ray.train.report({"step": step, **scalars}, checkpoint=checkpoint,
+                     checkpoint_dir_name=checkpoint_name(step))
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return summary
+
+
+__all__ = ["run_worker"]

@@ -1,0 +1,124 @@
+"""The engine's step logic in plain PyTorch (no Ray): augmentation, method step, optimizer, hooks,
+gradient averaging, learning-rate schedules."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from methods import get_method
+from segray.config import OptimConfig, parse_overrides, resolve
+from segray.data.synthetic import render_scene
+from segray.engine import StepRunner, average_gradients, build_method, endless
+from segray.optim import lr_factor
+from segray.runtime import resolve_runtime
+
+
+class _Info:
+    num_classes = 6
+    ignore_index = 255
+    classes = [f"c{i}" for i in range(6)]
+
+
+def _batch(seed: int, n: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    images, masks = zip(*(render_scene(rng, size, size) for _ in range(n)))
+    image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+    mask = torch.from_numpy(np.stack(masks).astype(np.int64))  # (B, H, W)
+    return {"image": image, "mask": mask, "image_labels": torch.zeros(n, 6)}
+
+
+def _config(method: str, *extra: str):
+    raw = parse_overrides(["model.encoder=resnet18", "model.decoder_channels=32", "train.steps=40",
+                           "optim.lr=0.003", "optim.warmup_steps=0", "augment.photometric=false",
+                           *extra])
+    return resolve(raw, get_method(method).Knobs, method)
+
+
+def test_supervised_step_learns_one_batch():
+    torch.manual_seed(0)
+    cfg = _config("supervised")
+    method = build_method(cfg, _Info)
+    runner = StepRunner(method, method.build(), cfg, resolve_runtime(torch.device("cpu")), 255)
+    batch = _batch(0)
+    losses = [runner.step(batch)["loss"] for _ in range(25)]
+    assert runner.step_count == 25
+    assert losses[-1] < 0.5 * losses[0], losses
+    state = runner.state_dict()
+    assert state["step"] == 25 and "model" in state and "optimizer" in state
+
+
+def test_teacher_student_method_uses_unlabeled_stream_and_ema_hook():
+    torch.manual_seed(0)
+    cfg = _config("ema_method:EMATeacher", "knobs.threshold=0.0")
+    method = build_method(cfg, _Info)
+    model = method.build()
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    runner = StepRunner(method, model, cfg, resolve_runtime(torch.device("cpu")), 255)
+    batch = _batch(1)
+    batch["unlabeled_image"] = _batch(2)["image"]
+    logs = runner.step(batch)
+    logs = runner.step(batch)
+    assert {"loss", "loss_sup", "loss_unsup", "pseudo_kept"} <= set(logs)
+    assert logs["pseudo_kept"] == 1.0  # threshold 0 keeps every pixel
+    assert int(model.ema_updates) == 2
+    moved = any(not torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters()))
+    assert moved, "the EMA hook never updated the teacher"
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_missing_loss_entry_is_a_clear_error():
+    cfg = _config("supervised")
+    method = build_method(cfg, _Info)
+    method.training_step = lambda model, batch, step: {"total": torch.tensor(1.0)}
+    runner = StepRunner(method, method.build(), cfg, resolve_runtime(torch.device("cpu")), 255)
+    with pytest.raises(KeyError, match="must return a 'loss' entry"):
+        runner.step(_batch(0, n=2))
+
+
+def test_endless_restarts_epochs_and_rejects_empty_streams():
+    it = endless(lambda: iter([1, 2]), "train")
+    assert [next(it) for _ in range(5)] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
+    with pytest.raises(ValueError, match="'train' stream yielded no batch"):
+        next(endless(lambda: iter([]), "train"))
+
+
+def test_poly_schedule_with_warmup_matches_mmcv():
+    cfg = OptimConfig(lr=0.01, schedule="poly", poly_power=1.0, warmup_steps=10, warmup_ratio=1e-6)
+    assert lr_factor(0, 100, cfg) == pytest.approx(1e-6)
+    # mmcv: poly lr × (1 - (1 - t/w)(1 - ratio))
+    assert lr_factor(5, 100, cfg) == pytest.approx((1 - 5 / 100) * (1 - 0.5 * (1 - 1e-6)))
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.5)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.0)
+    cfg = OptimConfig(lr=0.01, schedule="poly", poly_power=0.9, min_lr=1e-4)
+    assert lr_factor(100, 100, cfg) == pytest.approx(1e-4 / 0.01)
+    cfg = OptimConfig(lr=0.01, schedule="step", step_size=60, step_gamma=0.1)
+    assert [lr_factor(s, 1000, cfg) for s in (0, 59, 60, 120)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def _grad_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = torch.nn.Linear(3, 2)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, float(rank + 1) * (i + 1))
+    average_gradients(model, 2, bucket_mb=1e-6)  # tiny buckets: one tensor per all_reduce
+    out[rank] = [p.grad.clone() for p in model.parameters()]
+    dist.destroy_process_group()
+
+
+def test_average_gradients_across_two_gloo_workers():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_grad_worker, args=(port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        for i, g in enumerate(out[rank]):
+            assert torch.allclose(g, torch.full_like(g, 1.5 * (i + 1)))

@@ -1,0 +1,145 @@
+"""Ray Data streams on a real local Ray: fixed-shape batches, epochs, eval rows, bad rows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segray.data.decode import BadSampleError, decode_image
+from segray.data.manifest import open_dataset
+from segray.data.shards import DatasetWriter
+from segray.data.stream import (
+    SkipCounter,
+    eval_collate,
+    eval_dataset,
+    eval_rows,
+    iter_rows,
+    read_split,
+    train_collate,
+    train_dataset,
+)
+from segray.data.synthetic import make_synthetic
+
+ray = pytest.importorskip("ray")
+CROP = (32, 24)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # in-process test cluster; no token file written
+    # address="local": always a private cluster, even if `ray start` runs one on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("stream") / "synth"
+    return make_synthetic(str(dst), train=20, val=6, unlabeled=6, size=40, rows_per_shard=8)
+
+
+@pytest.fixture(scope="module")
+def with_bad_row(tmp_path_factory, synth):
+    """Eight good rows from the synthetic set, with one corrupt image in the second shard."""
+    dst = tmp_path_factory.mktemp("stream") / "bad"
+    rows = list(iter_rows(synth, "train"))[:8]
+    with DatasetWriter(str(dst), "bad", synth.classes, synth.palette, rows_per_shard=4) as w:
+        for i, r in enumerate(rows):
+            image = b"\x89PNG corrupted bytes" if i == 5 else r["image"]
+            w.add("train", r["key"], image, r["mask"], r["labels"], r["height"], r["width"])
+    return open_dataset(str(dst)), rows[5]["key"]
+
+
+def _crops(ds) -> dict[str, np.ndarray]:
+    return {k: img for b in ds.iter_batches(batch_size=8, batch_format="numpy")
+            for k, img in zip(b["key"], b["image"], strict=True)}
+
+
+def test_read_split_reads_manifest_shards(ray_local, synth):
+    (Path(synth.uri) / "stray-00000.parquet").write_bytes(b"junk")  # never listed, never read
+    ds = read_split(synth, "val", columns=["key", "height"])
+    rows = ds.take_all()
+    assert sorted(r["key"] for r in rows) == [f"val-{i:05d}" for i in range(6)]
+    assert {Path(r["path"]).name for r in rows} == {"val-00000.parquet"}
+
+
+def test_train_batches_fixed_shape(ray_local, synth):
+    ds = train_dataset(synth, "train", crop=CROP, seed=0)
+    batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=train_collate, device="cpu"))
+    assert sum(len(b["image"]) for b in batches) == 20
+    k = synth.num_classes
+    for b in batches:
+        n = len(b["image"])
+        assert tuple(b["image"].shape) == (n, 3, *CROP) and str(b["image"].dtype) == "torch.uint8"
+        assert tuple(b["mask"].shape) == (n, *CROP) and str(b["mask"].dtype) == "torch.int64"
+        assert tuple(b["image_labels"].shape) == (n, k)
+        assert str(b["image_labels"].dtype) == "torch.float32"
+        for mask, labels in zip(b["mask"], b["image_labels"], strict=True):
+            present = set(mask.unique().tolist()) - {255}
+            assert present <= set(labels.nonzero().flatten().tolist())  # crops keep label ids
+
+
+def test_crops_change_per_epoch_and_repeat_per_seed(ray_local, synth):
+    ds = train_dataset(synth, "train", crop=CROP, seed=3)
+    first, second = _crops(ds), _crops(ds)
+    assert sorted(first) == sorted(second)
+    changed = sum(not np.array_equal(first[k], second[k]) for k in first)
+    assert changed >= 15  # a new epoch draws new scales and windows
+    again = _crops(train_dataset(synth, "train", crop=CROP, seed=3))
+    assert all(np.array_equal(first[k], again[k]) for k in first)  # same seed, same first epoch
+
+
+def test_unlabeled_stream(ray_local, synth):
+    batch = train_dataset(synth, "unlabeled", crop=CROP, labeled=False).take_batch(6)
+    assert batch["image"].shape == (6, *CROP, 3) and (batch["mask"] == 255).all()
+    assert batch["labels"].shape == (6, synth.num_classes) and batch["labels"].sum() == 0
+    rows = eval_dataset(synth, "unlabeled").take_batch(2)  # no masks: evaluated as all-ignore
+    assert all((m == 255).all() and m.shape == im.shape[:2]
+               for m, im in zip(rows["mask"], rows["image"], strict=True))
+
+
+def test_eval_stream_full_size(ray_local, synth):
+    rows = {r["key"]: r for r in iter_rows(synth, "train")}
+    ds = eval_dataset(synth, "train").materialize()  # decoded once, iterated three times below
+    got = {}
+    for rank in range(2):  # two workers' shares: disjoint and complete
+        for r in eval_rows(ds, rank=rank, world=2):
+            assert r["key"] not in got
+            got[r["key"]] = r
+    assert sorted(got) == sorted(rows)
+    for key, r in got.items():
+        assert np.array_equal(r["image"], decode_image(rows[key]["image"]))
+        assert r["mask"].shape == (rows[key]["height"], rows[key]["width"])
+    varied = next(iter(ds.iter_batches(batch_size=8, batch_format="numpy")))
+    out = eval_collate(varied)
+    assert isinstance(out["image"], list) and out["image"][0].shape[0] == 3
+    fixed = eval_dataset(synth, "val").take_batch(4)
+    out = eval_collate(fixed)
+    assert tuple(out["image"].shape) == (4, 3, 40, 40) and tuple(out["mask"].shape) == (4, 40, 40)
+
+
+def test_bad_row_error_names_shard_and_key(ray_local, with_bad_row):
+    info, bad_key = with_bad_row
+    with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message is what counts
+        train_dataset(info, "train", crop=CROP).take_all()
+    assert isinstance(e.value, BadSampleError) or "BadSampleError" in str(e.value)
+    assert bad_key in str(e.value) and "train-00001.parquet" in str(e.value)
+    assert "cannot decode" in str(e.value)
+
+
+def test_bad_row_skip_is_counted(ray_local, with_bad_row):
+    info, bad_key = with_bad_row
+    counter = SkipCounter()
+    ds = train_dataset(info, "train", crop=CROP, on_bad_sample="skip", skip_counter=counter)
+    keys = [r["key"] for r in ds.take_all()]
+    assert len(keys) == 7 and bad_key not in keys
+    assert counter.total == 1
+    (record,) = counter.records()
+    assert record["key"] == bad_key and record["shard"].endswith("train-00001.parquet")
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        train_dataset(info, "train", crop=CROP, on_bad_sample="ignore")
