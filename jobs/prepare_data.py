@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from segray import storage
 from segray.data import DatasetInfo, convert_folder, make_synthetic
+from segray.data.converters import CONVERTERS, add_common_arguments
 
 
 def _add_synthetic(p: argparse.ArgumentParser) -> None:
@@ -69,6 +70,26 @@ FORMATS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler
     "synthetic": ("generate the built-in synthetic dataset", _add_synthetic, _run_synthetic),
     "folder": ("convert images/ + masks/ class-index PNGs", _add_folder, _run_folder),
 }
+
+
+def _public_dataset(name: str) -> tuple[str, Callable, Handler]:
+    conv = CONVERTERS[name]
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("src", help=f"root of the {name} dataset in its standard layout")
+        p.add_argument("dst", help="destination dataset folder (path or s3:// URI)")
+        add_common_arguments(p)
+        conv.add_arguments(p)
+
+    def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DatasetInfo:
+        if not storage.is_dir(args.src):
+            parser.error(f"source folder {args.src} does not exist")
+        return conv.convert(args.src, args.dst, args)
+
+    return conv.help, add, run
+
+
+FORMATS.update({name: _public_dataset(name) for name in CONVERTERS})
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

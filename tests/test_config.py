@@ -119,3 +119,10 @@ def test_config_has_no_dataset_values():
     for section in (Config().data, Config().model):
         names |= {f.name for f in dataclasses.fields(section)}
     assert not names & {"num_classes", "palette", "ignore_index"}
+
+
+def test_a_methods_own_knob_validation_is_reported_as_a_config_error():
+    raw = parse_overrides(["knobs.attention=foo", "knobs.prior_weight=-1"])
+    with pytest.raises(ConfigError, match="attention must be one of") as info:
+        resolve(raw, get_method("semask").Knobs, "semask")
+    assert "prior_weight must be >= 0" in str(info.value)

@@ -6,6 +6,7 @@ step, metric history; loaded with ``weights_only=True``) and ``meta.json`` (meth
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -31,6 +32,10 @@ def write_local(state: dict[str, Any], meta: dict[str, Any]) -> str:
     tmp = Path(folder, STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, Path(folder, STATE_FILE))
+    data = Path(folder, STATE_FILE).read_bytes()
+    # The folder is copied to storage file by file; the recorded size and digest let every reader
+    # refuse a copy that is still in flight or was cut short.
+    meta = {**meta, "state_bytes": len(data), "state_sha256": storage.sha256(data)}
     Path(folder, META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return folder
 
@@ -42,12 +47,20 @@ def load_state(folder_or_uri: str) -> dict[str, Any]:
         FileNotFoundError: naming the folder when it holds no ``state.pt``.
     """
     uri = storage.join(folder_or_uri, STATE_FILE)
-    if not storage.exists(uri):
+    if not storage.exists(uri) or not storage.exists(storage.join(folder_or_uri, META_FILE)):
         raise FileNotFoundError(
-            f"no checkpoint at {folder_or_uri}: expected {STATE_FILE} inside a step_NNNNNNN folder"
+            f"no checkpoint at {folder_or_uri}: expected {STATE_FILE} and {META_FILE} inside a "
+            "step_NNNNNNN folder of a run"
         )
-    path = storage.local_copy(uri)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    data = storage.read_bytes(uri)
+    meta = load_meta(folder_or_uri)
+    if len(data) != meta.get("state_bytes") or storage.sha256(data) != meta.get("state_sha256"):
+        raise ValueError(
+            f"checkpoint {folder_or_uri} is incomplete or corrupt: {STATE_FILE} has {len(data)} "
+            f"bytes, {META_FILE} expects {meta.get('state_bytes')} with a matching sha256; use an "
+            "earlier step_* folder"
+        )
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def load_meta(folder_or_uri: str) -> dict[str, Any]:
@@ -55,11 +68,21 @@ def load_meta(folder_or_uri: str) -> dict[str, Any]:
     return json.loads(storage.read_text(storage.join(folder_or_uri, META_FILE)))
 
 
+def is_complete(folder_or_uri: str) -> bool:
+    """Whether a checkpoint folder holds a whole ``state.pt`` matching its ``meta.json``."""
+    try:
+        meta = load_meta(folder_or_uri)
+        fs, path = storage.filesystem(storage.join(folder_or_uri, STATE_FILE))
+        return fs.get_file_info(path).size == meta.get("state_bytes")
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+
+
 def latest_checkpoint(run_uri: str) -> str | None:
     """The newest complete ``step_*`` checkpoint folder of a run, or ``None``."""
     names = [n for n in storage.list_dir(run_uri) if n.startswith("step_")]
     for name in sorted(names, reverse=True):
         folder = storage.join(run_uri, name)
-        if storage.exists(storage.join(folder, STATE_FILE)):
+        if is_complete(folder):
             return folder
     return None

@@ -290,7 +290,11 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
                 kwargs[key] = converted
             else:
                 errors.append(f"{prefix}{key}: expected {expected}, got {value!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a dataclass's own __post_init__ validation
+        errors.append(f"{prefix.rstrip('.') or 'config'}: {e}")
+        return cls()
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:

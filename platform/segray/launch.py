@@ -94,14 +94,16 @@ def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None 
     from ray.train.torch import TorchTrainer
 
     from methods import get_method
-    from segray.data import eval_dataset, train_dataset
+    from segray.data import SkipCounter, eval_dataset, train_dataset
     from segray.engine import train_loop_per_worker
 
     method_cls = get_method(cfg.method)
     d = cfg.data
     crop = tuple(d.crop_size)
+    # Rows dropped by on_bad_sample=skip are counted across all decode workers and reported.
+    skips = SkipCounter() if d.on_bad_sample == "skip" else None
     common = dict(crop=crop, scale_range=tuple(d.scale_range), seed=cfg.seed,
-                  on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio,
+                  on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio, skip_counter=skips,
                   base_scale=tuple(d.base_scale) if d.base_scale else None,
                   scale_choices=tuple(d.scale_choices) if d.scale_choices else None)
     datasets = {"train": train_dataset(info, d.train_split, **common,
@@ -122,7 +124,7 @@ def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None 
     run_uri = storage.join(run_root, cfg.name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg, "info": info, "run_uri": run_uri},
+        train_loop_config={"config": cfg, "info": info, "run_uri": run_uri, "skips": skips},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -138,7 +138,7 @@ def finalize(
             if history else 0.0,
             "resumes": sum(1 for h in history if h.get("event") == "resumed"),
         },
-        "bad_samples_skipped": int(getattr(result, "bad_samples", 0)),
+        "bad_samples_skipped": int(metrics.get("data/bad_samples_skipped", 0)),
         "report": {
             "curves": storage.join(run_uri, CURVES_FILE),
             "predictions": storage.join(run_uri, PREDICTIONS_FILE),

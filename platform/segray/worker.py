@@ -81,6 +81,8 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             final = step == total
             result = _evaluate(method, runner, cfg, info, rank, world, keep=final)
             metrics = result.summary()
+            if loop_config.get("skips") is not None:
+                metrics["data/bad_samples_skipped"] = loop_config["skips"].total
             entry = {"step": step, **{k: v for k, v in metrics.items() if k != "val/IoU"}}
             history.append(entry)
             telemetry.evaluation(entry)
