@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from methods import get_method
 from segray.config import OptimConfig, parse_overrides, resolve
 from segray.data.synthetic import render_scene
-from segray.engine import StepRunner, average_gradients, build_method, endless
+from segray.engine import StepRunner, average_gradients, build_method, endless, to_floats
 from segray.optim import lr_factor
 from segray.runtime import resolve_runtime
 
@@ -47,7 +47,7 @@ def test_supervised_step_learns_one_batch():
     method = build_method(cfg, _Info)
     runner = StepRunner(method, method.build(), cfg, resolve_runtime(torch.device("cpu")), 255)
     batch = _batch(0)
-    losses = [runner.step(batch)["loss"] for _ in range(25)]
+    losses = [float(runner.step(batch)["loss"]) for _ in range(25)]
     assert runner.step_count == 25
     assert losses[-1] < 0.5 * losses[0], losses
     state = runner.state_dict()
@@ -64,7 +64,7 @@ def test_teacher_student_method_uses_unlabeled_stream_and_ema_hook():
     batch = _batch(1)
     batch["unlabeled_image"] = _batch(2)["image"]
     logs = runner.step(batch)
-    logs = runner.step(batch)
+    logs = to_floats(runner.step(batch), 2)
     assert {"loss", "loss_sup", "loss_unsup", "pseudo_kept"} <= set(logs)
     assert logs["pseudo_kept"] == 1.0  # threshold 0 keeps every pixel
     assert int(model.ema_updates) == 2
@@ -122,3 +122,8 @@ def test_average_gradients_across_two_gloo_workers():
     for rank in (0, 1):
         for i, g in enumerate(out[rank]):
             assert torch.allclose(g, torch.full_like(g, 1.5 * (i + 1)))
+
+
+def test_non_finite_loss_is_a_clear_error():
+    with pytest.raises(FloatingPointError, match="loss became nan at step 7; lower optim.lr"):
+        to_floats({"loss": torch.tensor(float("nan")), "lr": 0.1}, 7)

@@ -246,7 +246,7 @@ def test_pretrained_loading_reports_and_rejects(tmp_path):
     torch.save(src.state_dict(), path)
     method = tiny_method(pretrained=str(path))
     model = method.build()
-    report = model.load_report
+    report = model.pretrained_report
     assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "head.fc.weight" in report["dropped"] and "norm.weight" in report["dropped"]
     assert "semantic_layers.0.blocks.0.gamma" in report["new"] and "norm3.bias" in report["new"]

@@ -47,9 +47,16 @@ def test_help_everywhere(tmp_path):
 
 @pytest.mark.cluster
 def test_train_then_evaluate(tmp_path, small_dataset):
+    import hashlib
+
+    import timm
+
     env = job_env(tmp_path)
+    weights = tmp_path / "resnet18.pt"  # a classifier's state dict, as users download them
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)
     proc = run_job("train.py", *SHORT, "--data", small_dataset, "--steps", "20", "--eval-every", "10",
-                   "--name", "short", "--storage", str(tmp_path / "runs"), env=env)
+                   "--name", "short", "--storage", str(tmp_path / "runs"),
+                   "--set", f"model.pretrained={weights}", env=env)
     out = proc.stdout
     assert "validation mIoU:" in out and "majority-class baseline" in out
     run = tmp_path / "runs" / "short"
@@ -58,6 +65,9 @@ def test_train_then_evaluate(tmp_path, small_dataset):
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "predictions.png", "summary.json"):
         assert (run / name).is_file(), name
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    provenance = json.loads((run / "weights.json").read_text())
+    assert provenance["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert provenance["loaded"] > 0 and any(k.startswith("fc.") for k in provenance["unexpected"])
     summary = _summary(run)
     assert summary["steps"] == 20 and summary["checkpoint"].endswith("step_0000020")
     assert 0 <= summary["val"]["mIoU"] <= 100 and summary["cost"]["images_per_s"] > 0

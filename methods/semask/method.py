@@ -198,14 +198,14 @@ class SeMaskFPN(nn.Module):
     cropped back, which equals the official resize whenever H and W are multiples of the patch.
 
     Attributes:
-        load_report: the pretrained-loading report (file, sha256, new/dropped keys), or None.
+        pretrained_report: the pretrained-loading report (file, sha256, new/dropped keys), or None.
     """
 
     def __init__(self, backbone: SeMaskSwin, head: SemanticFPNHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.decode_head = head
-        self.load_report: dict[str, Any] | None = None
+        self.pretrained_report: dict[str, Any] | None = None
 
     def forward(self, images: torch.Tensor,
                 with_prior: bool | None = None) -> dict[str, torch.Tensor]:
@@ -271,7 +271,7 @@ class SeMask:
                                channels=int(m.get("decoder_channels") or 256))
         model = SeMaskFPN(backbone, head)
         if m.get("pretrained"):
-            model.load_report = load_pretrained(backbone, m["pretrained"])
+            model.pretrained_report = load_pretrained(backbone, m["pretrained"])
         return model
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor],

@@ -67,6 +67,7 @@ def _bare_loop(method: Any, model: torch.nn.Module, opt: Any, sched: Any, cfg: C
         loss.backward()
         opt.step()
         sched.step()
+    float(loss)
     _sync(runtime.device)
     return time.perf_counter() - start
 
@@ -75,7 +76,8 @@ def _platform_loop(runner: StepRunner, batches: list, steps: int) -> float:
     start = time.perf_counter()
     for i in range(steps):
         raw = batches[i % len(batches)]
-        runner.step({k: v.to(runner.runtime.device) for k, v in raw.items()})
+        logs = runner.step({k: v.to(runner.runtime.device) for k, v in raw.items()})
+    float(logs["loss"])  # like the bare loop, wait for the last step to finish
     _sync(runner.runtime.device)
     return time.perf_counter() - start
 

@@ -129,8 +129,12 @@ class StepRunner:
             batch["unlabeled_cutmix"] = views["cutmix_box"]
         return batch
 
-    def step(self, raw: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Run one optimizer step on a raw batch; returns logged scalars (``loss``, ``lr``...)."""
+    def step(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        """Run one optimizer step on a raw batch.
+
+        Returns the method's logged values as detached tensors plus ``lr``; turn them into
+        floats with :func:`to_floats` only when logging, so a GPU is never synchronised per step.
+        """
         batch = self.prepare(raw)
         self.model.train()
         with self.runtime.autocast():
@@ -139,9 +143,6 @@ class StepRunner:
             raise KeyError(f"{type(self.method).__name__}.training_step must return a 'loss' entry; "
                            f"got {sorted(out)}")
         loss = out["loss"]
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"loss became {float(loss)} at step {self.step_count}; "
-                                     "lower optim.lr or enable optim.grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -158,7 +159,8 @@ class StepRunner:
         self.scheduler.step()
         self.step_count += 1
         call_hook(self.method, "after_optimizer_step", self.model, self.step_count)
-        logs = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        logs: dict[str, torch.Tensor | float] = {
+            k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         if not math.isnan(grad_norm):
             logs["grad_norm"] = grad_norm
@@ -177,6 +179,19 @@ class StepRunner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+
+
+def to_floats(logs: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:
+    """Logged values as floats (one device sync); a non-finite loss is an error here.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite, with what to try.
+    """
+    out = {k: float(v) for k, v in logs.items()}
+    if not math.isfinite(out["loss"]):
+        raise FloatingPointError(f"loss became {out['loss']} at step {step}; lower optim.lr or "
+                                 "set optim.grad_clip")
+    return out
 
 
 def endless(make_iter: Any, name: str) -> Iterator[tuple[int, Any]]:

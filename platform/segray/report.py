@@ -6,6 +6,7 @@ half-written report.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -21,12 +22,25 @@ SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
 PREDICTIONS_FILE = "predictions.png"
 CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "weights.json"
 
 
 def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` with the whole history (one JSON object per line)."""
     lines = "".join(json.dumps(_clean(h)) + "\n" for h in history)
     storage.write_text(storage.join(run_uri, HISTORY_FILE), lines)
+
+
+def write_weights_provenance(run_uri: str, model: Any) -> None:
+    """Save where pretrained weights came from (file, sha256, new/dropped keys) as ``weights.json``.
+
+    Models record it as ``model.pretrained_report`` (a dataclass or dict) when built from a file.
+    """
+    rep = getattr(model, "pretrained_report", None)
+    if rep is None:
+        return
+    data = dataclasses.asdict(rep) if dataclasses.is_dataclass(rep) else dict(rep)
+    storage.write_text(storage.join(run_uri, WEIGHTS_FILE), json.dumps(json_safe(data), indent=2))
 
 
 def read_history(run_uri: str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from segray import report, storage
 from segray.checkpoint import checkpoint_name, load_state
 from segray.config import Config
 from segray.data import eval_rows, train_collate
-from segray.engine import StepRunner, endless, save_checkpoint, setup_worker
+from segray.engine import StepRunner, endless, save_checkpoint, setup_worker, to_floats
 from segray.evaluation import evaluate
 from segray.runtime import cpu_threads, seed_everything
 from segray.telemetry import WorkerTelemetry
@@ -35,6 +35,8 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cpu_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
     method, runner = setup_worker(cfg, info, device, world)
+    if rank == 0:
+        report.write_weights_provenance(run_uri, runner.model)
 
     history: list[dict[str, Any]] = []
     ckpt = ray.train.get_checkpoint()
@@ -69,7 +71,7 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         window["steps"] += 1
         step = runner.step_count
         if step % cfg.train.log_every == 0 or step == total:
-            entry = _log_entry(step, logs, window, device)
+            entry = _log_entry(step, to_floats(logs, step), window, device)
             history.append(entry)
             telemetry.train(entry)
             if rank == 0:
