@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="platform step vs bare PyTorch loop")
     from segray.cli import add_run_args
 
-    add_run_args(t)
+    add_run_args(t, method_default="supervised")
     t.add_argument("--bench-steps", type=int, default=20, help="timed steps per round")
     t.add_argument("--rounds", type=int, default=3)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

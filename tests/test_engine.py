@@ -127,3 +127,32 @@ def test_average_gradients_across_two_gloo_workers():
 def test_non_finite_loss_is_a_clear_error():
     with pytest.raises(FloatingPointError, match="loss became nan at step 7; lower optim.lr"):
         to_floats({"loss": torch.tensor(float("nan")), "lr": 0.1}, 7)
+
+
+def test_the_engine_never_names_a_method():
+    """The shared loop, data plane and Tune wiring know no method: no import, no string, no name."""
+    import ast
+    from pathlib import Path
+
+    from methods import METHODS
+
+    names = set(METHODS) | {cls.__name__.lower() for cls in METHODS.values()}
+    root = Path(__file__).resolve().parents[1] / "platform" / "segray"
+    offenders = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef)
+                      and n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            words = []
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings:
+                words = [node.value.lower()]
+            elif isinstance(node, ast.Name | ast.alias):
+                words = [(getattr(node, "id", None) or node.name).lower()]
+            elif isinstance(node, ast.ImportFrom):
+                words = [(node.module or "").lower()]
+            if any(w.startswith(f"methods.{n}") or w == n for w in words for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

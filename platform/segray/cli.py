@@ -22,7 +22,7 @@ class UsageParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def add_run_args(p: argparse.ArgumentParser, method_default: str | None = "supervised") -> None:
+def add_run_args(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
     """Flags every run needs: method, preset, data, budget, scale, storage, name, seed, overrides."""
     p.add_argument("--method", default=method_default, help="method name (see --list-methods)")
     p.add_argument("--preset", default="demo", help="preset of the method (default: demo)")

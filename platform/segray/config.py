@@ -126,7 +126,7 @@ class EvalConfig:
 class Config:
     """A fully resolved run configuration."""
 
-    method: str = "supervised"
+    method: str = ""  # set by the job from --method
     preset: str = ""
     name: str = ""
     storage: str = ""  # run storage root (local or s3://); "" = <cache>/runs
