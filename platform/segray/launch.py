@@ -124,7 +124,9 @@ def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None 
     run_uri = storage.join(run_root, cfg.name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg, "info": info, "run_uri": run_uri, "skips": skips},
+        train_loop_config={"config": cfg, "info": info, "run_uri": run_uri, "skips": skips,
+                           # a private local instance dies with the driver: nothing scrapes it
+                           "flush_metrics": bool(os.environ.get("RAY_ADDRESS"))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

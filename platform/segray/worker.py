@@ -91,6 +91,8 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             summary = _report(cfg, info, run_uri, runner, history, metrics, result, rank, final)
             # No time is lost here measuring throughput: the window restarts after evaluation.
             window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
+    if loop_config.get("flush_metrics"):
+        telemetry.flush()  # Train kills workers on return; let the last values reach Prometheus
     return summary
 
 
