@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -51,8 +52,12 @@ def resolve_data(cfg: Config) -> Any:
     return info
 
 
-def init_ray(cfg: Config) -> None:
-    """Attach to the cluster in ``RAY_ADDRESS`` or start a local instance sized for the run."""
+def init_ray(num_cpus: int) -> None:
+    """Attach to the cluster in ``RAY_ADDRESS``, or start a private local instance.
+
+    Args:
+        num_cpus: logical CPUs of a local instance (ignored when attaching to a cluster).
+    """
     import ray
     import ray.data
 
@@ -63,14 +68,26 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    # Logical CPUs: one per worker plus room for Ray Data's decode tasks, even on a 2-core laptop.
-    cpus = max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 2)
+    port = _free_port()
+    # The dashboard serves the State API that Ray Train's placement-group cleaner polls (loopback
+    # only). Naming this instance's address keeps the cleaner working when other Ray instances run
+    # on the same machine.
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
     # address="local": always a private instance, never a `ray start` cluster that happens to run here.
-    # The dashboard serves the State API that Ray Train's placement-group cleaner polls; it binds
-    # to loopback only.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=True, runtime_env={"env_vars": env})
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs for a local run: one per worker plus room for Ray Data's decode tasks."""
+    return max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker) + 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 MAX_PASSES = 64
@@ -165,19 +182,10 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
               f"{info.num_rows(cfg.data.train_split)} train / {info.num_rows(cfg.data.val_split)} val")
         print("[segray] resolved config:\n" + text, flush=True)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
-    init_ray(cfg)
+    init_ray(local_cpus(cfg))
     trainer = build_trainer(cfg, info, run_root, callbacks)
     result = trainer.fit()
-    summary = result.return_value
-    if summary is None:
-        summary = _read_summary(run_uri)
-    return summary
-
-
-def _read_summary(run_uri: str) -> dict[str, Any]:
-    import json
-
-    return json.loads(storage.read_text(storage.join(run_uri, report.SUMMARY_FILE)))
+    return result.return_value or report.read_summary(run_uri)
 
 
 def fail_usage(message: str, code: int = 2) -> None:

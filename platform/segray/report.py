@@ -31,6 +31,11 @@ def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
     storage.write_text(storage.join(run_uri, HISTORY_FILE), lines)
 
 
+def read_summary(run_uri: str) -> dict[str, Any]:
+    """Read a finished run's ``summary.json``."""
+    return json.loads(storage.read_text(storage.join(run_uri, SUMMARY_FILE)))
+
+
 def write_weights_provenance(run_uri: str, model: Any) -> None:
     """Save where pretrained weights came from (file, sha256, new/dropped keys) as ``weights.json``.
 

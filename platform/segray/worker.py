@@ -80,20 +80,39 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     report.write_history(run_uri, history)
             window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
         if step % eval_every == 0 or step == total:
-            final = step == total
-            result = _evaluate(method, runner, cfg, info, rank, world, keep=final)
-            metrics = result.summary()
-            if loop_config.get("skips") is not None:
-                metrics["data/bad_samples_skipped"] = loop_config["skips"].total
-            entry = {"step": step, **{k: v for k, v in metrics.items() if k != "val/IoU"}}
-            history.append(entry)
-            telemetry.evaluation(entry)
-            summary = _report(cfg, info, run_uri, runner, history, metrics, result, rank, final)
-            # No time is lost here measuring throughput: the window restarts after evaluation.
+            summary = _eval_and_report(loop_config, method, runner, history, telemetry)
+            # Throughput is measured between evaluations: the window restarts after one.
             window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
+    if summary is None and _finished(run_uri):  # the same decision on every rank (shared storage)
+        summary = report.read_summary(run_uri) if rank == 0 else None
+    elif summary is None:
+        # Resumed from the final checkpoint (the run died while reporting): finish the report.
+        summary = _eval_and_report(loop_config, method, runner, history, telemetry)
     if loop_config.get("flush_metrics"):
         telemetry.flush()  # Train kills workers on return; let the last values reach Prometheus
     return summary
+
+
+def _finished(run_uri: str) -> bool:
+    return storage.exists(storage.join(run_uri, report.SUMMARY_FILE))
+
+
+def _eval_and_report(loop_config: dict[str, Any], method: Any, runner: StepRunner,
+                     history: list[dict], telemetry: WorkerTelemetry) -> dict[str, Any] | None:
+    """Evaluate, checkpoint and report at the current step (the final report at the last step)."""
+    cfg, info, run_uri = loop_config["config"], loop_config["info"], loop_config["run_uri"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    step = runner.step_count
+    final = step == cfg.train.steps
+    result = _evaluate(method, runner, cfg, info, rank, world, keep=final)
+    metrics = result.summary()
+    if loop_config.get("skips") is not None:
+        metrics["data/bad_samples_skipped"] = loop_config["skips"].total
+    entry = {"step": step, **{k: v for k, v in metrics.items() if k != "val/IoU"}}
+    history.append(entry)
+    telemetry.evaluation(entry)
+    return _report(cfg, info, run_uri, runner, history, metrics, result, rank, final)
 
 
 def _say(line: str) -> None:

@@ -1,0 +1,308 @@
+"""The sweep driver: Ray Tune with Optuna (TPE) and ASHA over trials of :mod:`segray.sweep.trial`.
+
+Each trial is a Tune function that builds and fits a Ray Train ``TorchTrainer``; its workers take
+resources outside Tune's accounting, so ``max_concurrent_trials`` is derived from what one trial's
+workers take and what the cluster holds. Early stopping counts evaluation rounds and survives a
+resume; the results folder and the Prometheus gauges follow the trials as they end.
+
+Example:
+    >>> outcome = run_sweep(spec, metrics_port=9465)
+    >>> outcome.best.trial, outcome.best.best_miou, outcome.files["best.yaml"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from segray import launch, report, storage
+from segray.launch import UsageError, resolve_data
+from segray.sweep import exporter, results
+from segray.sweep.space import trial_config
+from segray.sweep.spec import (
+    METRIC,
+    ROUND_KEY,
+    STOPPED_FILE,
+    TRIAL_CPUS,
+    SweepSpec,
+    TrialNeed,
+    concurrency,
+    eval_round,
+    local_cpus,
+    trial_need,
+)
+from segray.sweep.trial import run_trial, trial_name
+
+
+def describe(trials: list[Any], overrides: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Plain descriptions of Tune trials for :func:`segray.sweep.results.trial_rows`."""
+    overrides = overrides or {}
+    return [{"name": str(t), "status": overrides.get(t.trial_id, t.status),
+             "config": dict(t.config), "last": dict(t.last_result or {})} for t in trials]
+
+
+class SweepProgress(tune.Callback):
+    """Keeps the results folder and the Prometheus gauges current while the sweep runs.
+
+    Holds only the (picklable) spec: Tune stores its callbacks in the experiment state, and a
+    resumed sweep gets this object back from there.
+    """
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+        self._shown = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        # First loop step: a resumed sweep's report and gauges show the restored trials at once.
+        if not self._shown and trials:
+            self._shown = True
+            self.refresh(trials)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._gauges(trials)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if result.get("done"):  # the scheduler decided to stop this trial
+            record = {k: result.get(k) for k in ("step", ROUND_KEY, METRIC)}
+            try:
+                storage.write_text(storage.join(self.spec.run_uri(str(trial)), STOPPED_FILE),
+                                   json.dumps({**record, "time": time.time()}))
+            except OSError as e:  # the trial still stops; only a crash right now would revive it
+                print(f"[segray] could not record that {trial} was stopped: {e}", file=sys.stderr)
+        self._gauges(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.refresh(trials, {trial.trial_id: "TERMINATED"})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.refresh(trials, {trial.trial_id: "ERROR"})
+
+    def refresh(self, trials: list, overrides: dict[str, str] | None = None) -> None:
+        """Rewrite the results folder and set the gauges from the trials' current state."""
+        try:
+            rows = results.trial_rows(self.spec, describe(trials, overrides))
+            results.write_results(self.spec, rows)
+            publish(self.spec.name, rows)
+        except Exception as e:  # noqa: BLE001 - a report problem must not stop the sweep
+            print(f"[segray] could not refresh the sweep report: {e}", file=sys.stderr)
+
+    def _gauges(self, trials: list) -> None:
+        metrics = exporter.active(self.spec.name)
+        if metrics is not None:
+            latest = {str(t): float(t.last_result[METRIC]) for t in trials
+                      if (t.last_result or {}).get(METRIC) is not None}
+            metrics.observe(running=sum(t.status == "RUNNING" for t in trials), latest=latest)
+
+
+def publish(sweep: str, rows: list[results.TrialRow]) -> None:
+    """Set the sweep's gauges from the table rows (when an exporter is active)."""
+    metrics = exporter.active(sweep)
+    if metrics is None:
+        return
+    n = results.counts(rows)
+    scores = [r.best_miou for r in rows if r.best_miou is not None]
+    metrics.update(running=n["running"], done=n["done"], stopped=n["stopped"],
+                   best=max(scores) if scores else None,
+                   per_trial={r.trial: r.last_miou for r in rows if r.last_miou is not None})
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep returns: its table, the best trial and the results files."""
+
+    rows: list[results.TrialRow]
+    best: results.TrialRow | None
+    files: dict[str, str]
+    max_concurrent: int
+
+
+def plan_concurrency(need: TrialNeed, requested: int | None, samples: int) -> tuple[int, str]:
+    """Trials at once: as requested, else what the connected cluster holds (at least 1).
+
+    Returns:
+        ``(k, note)``; ``note`` explains a choice the user should know about ("" otherwise).
+    """
+    import ray
+
+    fits = concurrency(ray.cluster_resources(), need)
+    ask = f"{need.cpus:g} CPU" + (f" + {need.gpus:g} GPU" if need.gpus else "")
+    if requested:
+        note = "" if requested <= fits else (
+            f"--max-concurrent {requested} is more than the cluster holds now ({fits} trials of "
+            f"{ask}); the extra trials wait for the autoscaler to add nodes")
+        return requested, note
+    if fits == 0:
+        return 1, (f"the cluster cannot hold one trial ({ask}) now; running one at a time while "
+                   f"the autoscaler adds nodes")
+    return min(fits, samples), ""
+
+
+def init_ray(need: TrialNeed, requested: int | None) -> None:
+    """Attach to ``RAY_ADDRESS``, or start a private local instance sized for the sweep.
+
+    Locally, trials run ``requested`` at a time, or as many as the machine's cores hold (at least
+    one); the instance gets enough logical CPUs for that, so even a 2-core laptop runs the defaults.
+
+    Raises:
+        UsageError: a trial needs more GPUs than this machine has.
+    """
+    import ray
+
+    cores = os.cpu_count() or 1
+    trials = requested or max(1, math.floor(cores / need.cpus))
+    launch.init_ray(local_cpus(need, trials, cores))
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if need.gpus > gpus:
+        raise UsageError(f"a trial needs {need.gpus:g} GPUs (workers x --gpus-per-worker) but this "
+                         f"machine has {gpus:g}; pass --gpus-per-worker 0 to train on CPU")
+
+
+def _tune_storage(spec: SweepSpec) -> tuple[str, Any]:
+    if storage.is_s3(spec.root):
+        fs, path = storage.filesystem(spec.root)
+        return path, fs
+    return spec.root, None
+
+
+def _trainable(spec: SweepSpec, info: Any) -> Any:
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec, info=info),
+                               {"cpu": TRIAL_CPUS})
+
+
+class SweepASHA(ASHAScheduler):
+    """ASHA on evaluation rounds that survives a resume.
+
+    Tune does not save its scheduler's state, so after ``Tuner.restore`` the rungs would start
+    empty and trials run after the interruption would be judged against nobody. When a trial
+    that has ended is restored, this scheduler re-records its results at each rung from its Train
+    run's ``metrics.jsonl``. A trial that will run again is judged afresh at its next result (it
+    may redo rounds past its last checkpoint).
+    """
+
+    def __init__(self, spec: SweepSpec) -> None:
+        # Rungs stop short of the last round and survivors are never stopped: a trial that made
+        # it there ends by itself, so its Train run shuts down cleanly and frees its placement
+        # group at once (a stopped trial's group waits for Ray Train's cleaner).
+        super().__init__(time_attr=ROUND_KEY, max_t=spec.rounds - 1,
+                         grace_period=spec.grace_period, reduction_factor=spec.reduction_factor,
+                         stop_last_trials=False)
+        self.spec = spec
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if trial.status != "TERMINATED":
+            return
+        history = report.read_history(self.spec.run_uri(str(trial)))
+        by_round = sorted((eval_round(int(h["step"]), self.spec.eval_every), h[METRIC])
+                          for h in history if h.get(METRIC) is not None)
+        if not by_round:
+            return
+        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
+            # ASHA records a trial's first result at or after each milestone.
+            value = next((v for r, v in by_round if r >= milestone), None)
+            if value is not None and trial.trial_id not in recorded:
+                recorded[trial.trial_id] = self._metric_op * value
+
+
+def build_tuner(spec: SweepSpec, info: Any, max_concurrent: int) -> tune.Tuner:
+    """A new ``Tuner``: Optuna TPE (seeded) maximising mIoU, ASHA on evaluation rounds or FIFO."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    scheduler = None
+    if spec.scheduler == "asha" and spec.grace_period < spec.rounds:
+        scheduler = SweepASHA(spec)
+    path, fs = _tune_storage(spec)
+    return tune.Tuner(
+        _trainable(spec, info),
+        param_space={key: dist.to_tune() for key, dist in spec.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", search_alg=OptunaSearch(seed=spec.seed),
+            scheduler=scheduler, num_samples=spec.samples, max_concurrent_trials=max_concurrent,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs,
+                                  callbacks=[SweepProgress(spec)], verbose=1),
+    )
+
+
+def can_resume(spec: SweepSpec) -> bool:
+    """Whether Tune saved enough of the sweep to restore it (it had started its first trial)."""
+    path, fs = _tune_storage(spec)
+    path = f"{path.rstrip('/')}/tune"
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+        return False
+    return any(name.startswith("experiment_state-") for name in storage.list_dir(spec.tune_dir))
+
+
+def restore_tuner(spec: SweepSpec, info: Any) -> tune.Tuner:
+    """The sweep's ``Tuner`` from storage: finished trials kept, unfinished and errored resumed."""
+    path, fs = _tune_storage(spec)
+    return tune.Tuner.restore(f"{path.rstrip('/')}/tune", _trainable(spec, info),
+                              resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = exporter.DEFAULT_PORT,
+              say: Any = print) -> SweepOutcome:
+    """Run (or resume) a sweep to the end and write its results folder.
+
+    A new sweep fixes its concurrency when it starts (``spec.max_concurrent``, or what the cluster
+    holds) and saves it in ``sweep.yaml``; a resumed one keeps it, as Tune does.
+
+    Args:
+        spec: the sweep (saved to ``sweep.yaml`` when it starts).
+        resume: restore it from storage instead of starting it (a sweep interrupted before Tune
+            saved any state starts over).
+        metrics_port: Prometheus port on 127.0.0.1 (0 = none).
+        say: where progress lines go.
+
+    Raises:
+        UsageError: bad data or resources.
+        OSError: the metrics port is taken.
+    """
+    from methods import get_method
+
+    base = trial_config(spec.base, {}, get_method(spec.method).Knobs, spec.method)
+    info = resolve_data(base)
+    need = trial_need(base.workers, base.cpus_per_worker, base.gpus_per_worker)
+    metrics = exporter.SweepMetrics(spec.name, metrics_port)
+    exporter.activate(metrics)
+    try:
+        init_ray(need, spec.max_concurrent)
+        k, note = plan_concurrency(need, spec.max_concurrent, spec.samples)
+        restore = resume and can_resume(spec)
+        if not restore:
+            spec.max_concurrent = k
+            spec.save()
+        verb = "resuming" if restore else "starting over" if resume else "starting"
+        say(f"[segray] {verb} sweep {spec.name}: {spec.samples} trials of {spec.method}, {k} at a "
+            f"time ({base.workers} worker(s) each), scheduler {spec.scheduler}, {spec.rounds} "
+            f"evaluation round(s) per trial -> {spec.root}")
+        if metrics.port:
+            say(f"[segray] sweep metrics on http://127.0.0.1:{metrics.port}/metrics")
+        if note:
+            say(f"[segray] note: {note}")
+        tuner = restore_tuner(spec, info) if restore else build_tuner(spec, info, k)
+        grid = tuner.fit()
+        trials = [{"name": os.path.basename(r.path.rstrip("/")),
+                   "status": "ERROR" if r.error else "TERMINATED",
+                   "config": dict(r.config or {}), "last": dict(r.metrics or {})} for r in grid]
+        rows = results.trial_rows(spec, trials)
+        files = results.write_results(spec, rows)
+        publish(spec.name, rows)
+        for r in grid:
+            if r.error:
+                say(f"[segray] trial {os.path.basename(r.path.rstrip('/'))} failed: "
+                    f"{str(r.error).strip().splitlines()[-1][:300]}")
+        return SweepOutcome(rows=rows, best=results.best_row(rows), files=files,
+                            max_concurrent=k)
+    finally:
+        metrics.close()

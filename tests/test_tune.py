@@ -1,0 +1,280 @@
+"""End-to-end sweeps with jobs/tune.py on a local Ray instance (real Tune, Optuna, ASHA, Train).
+
+One sweep carries the expensive checks: 4 trials, 2 at a time, a space with a learning rate that
+cannot learn (so ASHA has something to stop), interrupted by killing the driver's process group
+after a trial finished, resumed with ``--resume`` (Prometheus gauges scraped meanwhile), then
+its results folder checked and ``best.yaml`` re-run with jobs/train.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, job_env, run_job
+
+from segray.sweep.exporter import SweepMetrics
+
+STEPS, EVAL_EVERY = 18, 9  # two evaluation rounds: ASHA decides at round 1
+SPACE = ("optim.lr: {type: choice, values: [1.0e-7, 3.0e-3]}  # 1e-7 cannot learn in 18 steps\n"
+         "mask_ratio: {type: uniform, low: 0.2, high: 0.7}\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _marked(marker: str) -> list[int]:
+    """PIDs of processes started for this test (they inherit the marker in their environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if f"SEGRAY_TEST_MARKER={marker}".encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_marked(marker: str) -> None:
+    for pid in _marked(marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def sweep_env(tmp_path):
+    """Job environment whose processes (driver, local Ray, workers) are all killed afterwards."""
+    marker = uuid.uuid4().hex
+    yield job_env(tmp_path, SEGRAY_TEST_MARKER=marker)
+    _kill_marked(marker)
+
+
+@pytest.mark.parametrize(("space", "args", "expected"), [
+    ("mask_ratoi: {type: uniform, low: 0.1, high: 0.5}\n"
+     "alpha: {type: uniform, low: 0.9, high: 0.1}\n"
+     "holes: {type: choice, values: [freeform, squares]}\n", [],
+     ["problem(s) in", "unknown knob 'mask_ratoi'; did you mean 'mask_ratio'?",
+      "alpha: needs low < high"]),
+    ("holes: {type: choice, values: [freeform, squares]}\n", [],
+     ["holes='squares': knobs.holes: expected one of 'freeform', 'patches'"]),
+    (None, ["--space", "/nonexistent/space.yaml"], ["no search-space file at /nonexistent"]),
+    (None, ["--resume", "--name", "never-started"], ["no sweep at", "sweep.yaml is missing"]),
+    (None, ["--samples", "0", "--reduction-factor", "1"],
+     ["2 problem(s) with the flags", "--samples must be >= 1", "--reduction-factor must be > 1"]),
+])
+def test_usage_errors_exit_2(tmp_path, space, args, expected):
+    extra = list(args)
+    if space is not None:
+        (tmp_path / "space.yaml").write_text(space)
+        extra += ["--space", str(tmp_path / "space.yaml")]
+    proc = run_job("tune.py", *extra, "--storage", str(tmp_path / "runs"), "--metrics-port", "0",
+                   env=job_env(tmp_path), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    for text in expected:
+        assert text in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("sweep.yaml"))
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(segray_sweep_\w+)(\{[^}]*\})? ([-+0-9.eE]+|NaN)$", line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def test_sweep_metrics_exporter():
+    port = _free_port()
+    metrics = SweepMetrics("s1", port)
+    try:
+        metrics.update(running=2, done=3, stopped=1, best=41.5,
+                       per_trial={"trial_001_ab": 41.5, "trial_002_cd": 12.0})
+        metrics.observe(running=1, latest={"trial_003_ef": 44.0, "trial_002_cd": 13.0})
+        got = _scrape(port)
+        assert got['segray_sweep_trials_running{sweep="s1"}'] == 1
+        assert got['segray_sweep_trials_done{sweep="s1"}'] == 3
+        assert got['segray_sweep_trials_stopped{sweep="s1"}'] == 1
+        assert got['segray_sweep_best_miou{sweep="s1"}'] == 44.0  # a live result beat it
+        assert got['segray_sweep_trial_miou{sweep="s1",trial="trial_002_cd"}'] == 13.0
+        assert got['segray_sweep_trial_miou{sweep="s1",trial="trial_001_ab"}'] == 41.5
+        with pytest.raises(OSError, match=f"cannot serve sweep metrics on 127.0.0.1:{port}"):
+            SweepMetrics("s2", port)
+    finally:
+        metrics.close()
+    with pytest.raises(OSError):
+        _scrape(port)  # closed
+    assert SweepMetrics("s3", 0).port == 0  # 0 = not served
+
+
+def _rows(sweep: Path) -> list[dict[str, str]]:
+    path = sweep / "trials.csv"
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def _history(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _registered(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered for a run."""
+    snap = run / "checkpoint_manager_snapshot.json"
+    return [int(s) for s in re.findall(r'"step_(\d{7})"', snap.read_text())] if snap.exists() else []
+
+
+def _interruptible(sweep: Path) -> str | None:
+    """A trial in the middle of its last round while another has finished, if there is one.
+
+    Logged steps past the first evaluation mean the trial went on after ASHA's only rung, so it
+    will not be stopped; its first checkpoint is registered and its last one is not.
+    """
+    rows = _rows(sweep)
+    if not any(r["status"] == "finished" for r in rows):
+        return None
+    ended = {r["trial"] for r in rows if r["status"] in ("finished", "stopped")}
+    for run in sorted((sweep / "trials").glob("trial_*")):
+        steps = [h["step"] for h in _history(run) if "train/loss" in h]
+        ckpts = _registered(run)
+        if run.name not in ended and steps and max(steps) >= EVAL_EVERY + 3 \
+                and EVAL_EVERY in ckpts and STEPS not in ckpts:
+            return run.name
+    return None
+
+
+@pytest.mark.cluster
+def test_sweep_early_stopping_interrupt_resume_and_results(tmp_path, small_dataset, sweep_env):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    sweep = tmp_path / "runs" / "sw"
+    args = ["--method", "masksup", "--data", small_dataset, "--samples", "4",
+            "--max-concurrent", "2", "--space", str(tmp_path / "space.yaml"),
+            "--steps", str(STEPS), "--eval-every", str(EVAL_EVERY), "--set", "train.log_every=3",
+            "--grace-period", "1", "--reduction-factor", "2", "--seed", "1",
+            "--storage", str(tmp_path / "runs"), "--name", "sw"]
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), *args]
+
+    # 1. Start the sweep; kill the driver's process group in the middle of a trial's last round.
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([*cmd, "--metrics-port", "0"], cwd=ROOT, env=sweep_env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 480
+        victim = None
+        while victim is None:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
+            assert time.time() < deadline, "no trial to interrupt"
+            time.sleep(0.2)
+            victim = _interruptible(sweep)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _kill_marked(sweep_env["SEGRAY_TEST_MARKER"])  # Ray's own processes are not in the group
+    before = {run.name: {"lines": (run / "metrics.jsonl").read_text().splitlines(),
+                         "ckpts": _registered(run),
+                         "summary": (run / "summary.json").read_bytes()
+                         if (run / "summary.json").exists() else None}
+              for run in (sweep / "trials").glob("trial_*") if (run / "metrics.jsonl").exists()}
+    finished_before = [t for t, b in before.items() if b["summary"] is not None]
+    assert finished_before and victim not in finished_before
+
+    # 2. Resume; scrape the sweep's gauges while it runs.
+    port = _free_port()
+    with open(tmp_path / "resume.log", "w") as log:
+        proc = subprocess.Popen([*cmd, "--resume", "--metrics-port", str(port)], cwd=ROOT,
+                                env=sweep_env, stdout=log, stderr=subprocess.STDOUT)
+        scraped: dict[str, float] = {}
+        while proc.poll() is None:
+            with contextlib.suppress(OSError):
+                scraped.update(_scrape(port))
+            time.sleep(0.5)
+    out = (tmp_path / "resume.log").read_text()
+    assert proc.returncode == 0, out[-6000:]
+    assert "resuming sweep sw: 4 trials of masksup" in out
+    assert f"sweep metrics on http://127.0.0.1:{port}/metrics" in out
+    assert scraped['segray_sweep_trials_done{sweep="sw"}'] >= len(finished_before)
+    assert scraped['segray_sweep_best_miou{sweep="sw"}'] > 0
+    assert any(k.startswith('segray_sweep_trial_miou{sweep="sw",trial="trial_00') for k in scraped)
+    assert 'segray_sweep_trials_running{sweep="sw"}' in scraped
+
+    # 3. Every trial ran once: none twice from scratch, the interrupted one from its checkpoint.
+    rows = {r["trial"]: r for r in _rows(sweep)}
+    runs = sorted(p.name for p in (sweep / "trials").glob("trial_*"))
+    assert sorted(rows) == runs and len(runs) == 4
+    assert sorted(p.name for p in (sweep / "tune").glob("trial_*")) == runs
+    for name in finished_before:  # kept, not re-run
+        assert (sweep / "trials" / name / "summary.json").read_bytes() == before[name]["summary"]
+        assert not any(h.get("event") == "resumed" for h in _history(sweep / "trials" / name))
+    for name, b in before.items():
+        lines = (sweep / "trials" / name / "metrics.jsonl").read_text().splitlines()
+        if b["ckpts"]:
+            # Its first logged step (with its wall-clock time) survives: not restarted from scratch.
+            assert lines[0] == b["lines"][0], name
+    history = _history(sweep / "trials" / victim)
+    resumed = [h["step"] for h in history if h.get("event") == "resumed"]
+    assert resumed and resumed[0] == max(before[victim]["ckpts"]) >= EVAL_EVERY
+    logged = [h["step"] for h in history if "train/loss" in h]
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS
+    assert rows[victim]["status"] == "finished" and rows[victim]["resumes"] == "1"
+
+    # 4. ASHA stopped the trials that could not learn; the others ran to the end.
+    statuses = [r["status"] for r in rows.values()]
+    assert set(statuses) <= {"finished", "stopped"} and "stopped" in statuses
+    for r in rows.values():
+        run = sweep / "trials" / r["trial"]
+        assert (r["stopped_early"] == "True") == (r["status"] == "stopped")
+        # Finished: evaluated at its last step. Stopped: the scheduler's decision is on record.
+        evals = [h["step"] for h in _history(run) if "val/mIoU" in h]
+        assert (evals[-1] == STEPS) == (r["status"] == "finished"), r
+        assert r["status"] == "finished" or (run / "stopped_early.json").exists(), r
+        if r["status"] == "finished":
+            assert int(r["steps"]) == STEPS and int(r["eval_rounds"]) == 2
+    good = [float(r["best_mIoU"]) for r in rows.values() if float(r["optim.lr"]) > 1e-6]
+    bad = [float(r["best_mIoU"]) for r in rows.values() if float(r["optim.lr"]) < 1e-6]
+    assert good and bad and min(good) > max(bad)
+
+    # 5. The results folder is complete.
+    for name in ("sweep.yaml", "trials.csv", "trials.md", "report.html", "best.yaml",
+                 "miou_by_optim_lr.png", "miou_by_mask_ratio.png", "best_so_far.png"):
+        assert (sweep / name).is_file(), name
+    for png in sweep.glob("*.png"):
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    assert len((sweep / "trials.md").read_text().splitlines()) == 2 + 4
+    html = (sweep / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and html.count("<tr") == 1 + 4
+    for trial in runs:  # TensorBoard event files, one folder per trial
+        assert list((sweep / "tune" / trial).glob("events.out.tfevents.*")), trial
+    best = max((r for r in rows.values() if r["status"] == "finished"),
+               key=lambda r: float(r["best_mIoU"]))
+    assert f"best trial {best['trial']}: validation mIoU" in out
+    preset = yaml.safe_load((sweep / "best.yaml").read_text())
+    assert preset["method"] == "masksup" and preset["optim"]["lr"] == float(best["optim.lr"])
+    assert preset["knobs"]["mask_ratio"] == pytest.approx(float(best["mask_ratio"]), rel=1e-3)
+
+    # 6. best.yaml re-runs as a preset of jobs/train.py.
+    run_job("train.py", "--method", "masksup", "--preset-file", str(sweep / "best.yaml"),
+            "--steps", "2", "--eval-every", "2", "--name", "rerun",
+            "--storage", str(tmp_path / "again"), env=sweep_env)
+    rerun = tmp_path / "again" / "rerun"
+    assert json.loads((rerun / "summary.json").read_text())["steps"] == 2
+    cfg = yaml.safe_load((rerun / "config.yaml").read_text())
+    assert cfg["knobs"] == preset["knobs"] and cfg["optim"] == preset["optim"]
+    assert cfg["preset"] == "sw-best"
