@@ -1,6 +1,7 @@
 """Throughput measured side by side in one run, printed as a table (``--out`` writes JSON).
 
 ``python jobs/benchmark.py train --method supervised [--preset demo] [--steps 20] [--device cuda]``
+``python jobs/benchmark.py data [--local | --data URI] [--images 512] [--size 256] [--crop 128]``
 """
 
 from __future__ import annotations
@@ -35,6 +36,50 @@ def cmd_train(args) -> dict:
     return res
 
 
+def cmd_data(args) -> dict:
+    from segray.data.benchmark import DataBenchConfig, bench_data
+
+    cfg = DataBenchConfig(images=args.images, size=args.size, crop=args.crop,
+                          batch_size=args.batch_size, epochs=args.epochs, rounds=args.rounds,
+                          workers=args.workers, rss_factor=args.rss_factor)
+    res = bench_data(cfg, data=args.data, local=args.local, rss=not args.no_rss)
+    goals = res["goals"]
+
+    def check(value: float, goal: float, low_is_good: bool = False) -> str:
+        ok = value <= goal if low_is_good else value >= goal
+        return "met" if ok else "NOT met"
+
+    rows = [
+        ("storage / images", f"{res['storage']} / {res['images']} at crop {cfg.crop}, "
+                             f"batch {cfg.batch_size}, {cfg.epochs} epochs x {cfg.rounds} rounds"),
+        ("segray pipeline images/s", f"{res['segray_images_per_s']:.1f}"),
+        (f"DataLoader({cfg.workers}) + PIL images/s", f"{res['dataloader_images_per_s']:.1f}"),
+        ("ratio (goal >= 1.0x)", f"{res['ratio_vs_dataloader']:.2f}x  "
+                                 f"{check(res['ratio_vs_dataloader'], goals['ratio_vs_dataloader'])}"),
+        ("decode-only images/s, 1 process", f"{res['decode_images_per_s_1proc']:.1f}"),
+        (f"decode-only images/s, {cfg.workers} processes",
+         f"{res['decode_images_per_s_nproc']:.1f}"),
+        ("share of decode limit (goal >= 80%)",
+         f"{100 * res['share_of_decode_limit']:.0f}%  "
+         f"{check(res['share_of_decode_limit'], goals['share_of_decode_limit'])}"),
+    ]
+    if "rss" in res:
+        small, big = res["rss"]["1x"], res["rss"]["large"]
+        rows += [
+            ("peak RSS streaming 1x", f"{small['peak_rss_mb']:.0f} MB ({small['images']} images;"
+                                      f" {small['idle_rss_mb']:.0f} MB before reading)"),
+            (f"peak RSS streaming {cfg.rss_factor}x",
+             f"{big['peak_rss_mb']:.0f} MB ({big['images']} images; "
+             f"{big['idle_rss_mb']:.0f} MB before reading)"),
+            (f"RSS ratio {cfg.rss_factor}x / 1x (goal <= 1.2x)",
+             f"{res['rss']['ratio']:.2f}x  {check(res['rss']['ratio'], goals['rss_ratio'], True)}"),
+        ]
+        if res["rss"]["pss_ratio"]:
+            rows.append(("PSS ratio (shared pages split)", f"{res['rss']['pss_ratio']:.2f}x"))
+    print(_table(rows))
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = UsageParser(prog="jobs/benchmark.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True, parser_class=UsageParser)
@@ -46,8 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rounds", type=int, default=3)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--out", default=None, help="write the results as JSON here")
+    d = sub.add_parser("data", help="segray data pipeline vs DataLoader, decode limit, memory")
+    where = d.add_mutually_exclusive_group()
+    where.add_argument("--data", default=None,
+                       help="stream this dataset's train split (default: synthetic JPEGs on a "
+                            "local S3 server started for the run)")
+    where.add_argument("--local", action="store_true", help="synthetic JPEGs in a local folder")
+    d.add_argument("--images", type=int, default=512, help="synthetic images (1x dataset)")
+    d.add_argument("--size", type=int, default=256, help="synthetic image side")
+    d.add_argument("--crop", type=int, default=128, help="training crop side")
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--epochs", type=int, default=3, help="epochs per timed round")
+    d.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")
+    d.add_argument("--workers", type=int, default=2,
+                   help="DataLoader workers and decode-limit processes")
+    d.add_argument("--rss-factor", type=int, default=10, help="size of the large memory test")
+    d.add_argument("--no-rss", action="store_true", help="skip the streaming-memory test")
+    d.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    res = {"train": cmd_train}[args.what](args)
+    res = {"train": cmd_train, "data": cmd_data}[args.what](args)
     if args.out:
         from segray import storage
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,15 +27,44 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Binds port 0 so the OS picks a free port (no race between picking and binding), prints it, then
-# serves until stdin reaches EOF.
+# serves until stdin reaches EOF. Its log goes to a file: a full pipe would block the server.
+#
+# moto 5.2 names the root element of its CompleteMultipartUpload reply
+# <CompleteMultipartUploadResponse> (getmoto/moto#10055, fixed upstream by #10056); S3, MinIO and
+# Ceph send <CompleteMultipartUploadResult>. pyarrow checks that name to detect errors embedded
+# in a 200 reply, so every multipart upload (any file over 10 MiB) fails against an unpatched
+# moto although the object is complete. The WSGI wrapper below renames the element.
 _SERVER_SCRIPT = """
-import sys
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print(server.get_host_and_port()[1], flush=True)
+import logging, sys
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+from werkzeug.serving import make_server
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+moto_app = DomainDispatcherApplication(create_backend_app)
+
+def app(environ, start_response):
+    if environ.get("REQUEST_METHOD") != "POST" or "uploadId=" not in environ.get("QUERY_STRING", ""):
+        return moto_app(environ, start_response)
+    reply = {}
+    def capture(status, headers, exc_info=None):
+        reply.update(status=status, headers=headers)
+        return lambda data: None
+    chunks = moto_app(environ, capture)
+    try:
+        body = b"".join(chunks)
+    finally:
+        getattr(chunks, "close", lambda: None)()
+    body = body.replace(b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult")
+    headers = [(k, v) for k, v in reply["headers"] if k.lower() != "content-length"]
+    start_response(reply["status"], headers + [("Content-Length", str(len(body)))])
+    return [body]
+
+server = make_server("127.0.0.1", 0, app, threaded=True)
+print(server.server_address[1], flush=True)
+import threading
+threading.Thread(target=server.serve_forever, daemon=True).start()
 sys.stdin.read()
-server.stop()
+server.shutdown()
 """
 
 
@@ -69,13 +99,19 @@ class S3Server:
             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
         )
 
-    def keys(self, prefix: str = "") -> list[str]:
-        """All object keys of the bucket under ``prefix``, sorted."""
+    def keys(self, prefix: str = "", markers: bool = False) -> list[str]:
+        """Object keys of the bucket under ``prefix``, sorted.
+
+        Args:
+            prefix: key prefix.
+            markers: include empty ``folder/`` objects, which S3 clients (pyarrow, Ray) create to
+                make a prefix look like a directory.
+        """
         out = []
         for page in self.client().get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix):
             out.extend(obj["Key"] for obj in page.get("Contents", []))
-        return sorted(out)
+        return sorted(k for k in out if markers or not k.endswith("/"))
 
     def get(self, key: str) -> bytes:
         """The bytes of object ``key``."""
@@ -110,23 +146,25 @@ def start_s3_server(bucket: str = "bucket") -> Iterator[S3Server]:
     Raises:
         RuntimeError: the server did not start (its output is in the message).
     """
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        port = _read_port(proc)
-        endpoint = f"http://127.0.0.1:{port}"
-        server = S3Server(endpoint, bucket, s3_env(endpoint), proc)
-        server.client().create_bucket(Bucket=bucket)
-        yield server
-    finally:
-        _stop(proc)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            port = _read_port(proc, log)
+            endpoint = f"http://127.0.0.1:{port}"
+            server = S3Server(endpoint, bucket, s3_env(endpoint), proc)
+            server.client().create_bucket(Bucket=bucket)
+            yield server
+        finally:
+            _stop(proc)
 
 
-def _read_port(proc: subprocess.Popen) -> int:
+def _read_port(proc: subprocess.Popen, log: Any) -> int:
     line = proc.stdout.readline()  # blocks until the server prints its port or exits
     if not line.strip().isdigit():
         _stop(proc)
-        raise RuntimeError(f"moto S3 server did not start: {line!r} {proc.stderr.read()[-2000:]}")
+        log.seek(0)
+        raise RuntimeError(f"moto S3 server did not start: {line!r} {log.read()[-2000:]}")
     return int(line)
 
 

@@ -114,14 +114,21 @@ def read_bytes(uri: str) -> bytes:
     """
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return _read_all(fs, path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"no file at {uri}") from e
     except OSError as e:
         if "not found" in str(e).lower() or "no such" in str(e).lower():
             raise FileNotFoundError(f"no file at {uri}") from e
         raise
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    # A random-access file knows its size, so read() is one request. An input stream's read()
+    # fetches 16 KiB at a time, which on S3 is one GET each: a 140 MB checkpoint took ~50 s
+    # against a local server and would take minutes against a remote one.
+    with fs.open_input_file(path) as f:
+        return f.read()
 
 
 def read_text(uri: str) -> str:
@@ -199,8 +206,7 @@ def download_dir(uri: str, local_dir: str) -> None:
         rel = info.path[len(path):].lstrip("/")
         dst = Path(local_dir, rel)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as f:
-            dst.write_bytes(f.read())
+        dst.write_bytes(_read_all(fs, info.path))
 
 
 def sha256(data: bytes) -> str:

@@ -191,6 +191,10 @@ class DatasetInfo:
                 if not isinstance(digest, str) or len(digest) != 64:
                     raise bad(f"{skey}.sha256", "a 64-character hex SHA-256", digest)
                 parsed.append(ShardInfo(path, s["rows"], digest, s["bytes"]))
+            if not sum(sh.rows for sh in parsed):
+                raise ValueError(f"{source}: split {split!r} is empty (its shards hold 0 rows); "
+                                 "every split needs at least one image: re-create the dataset "
+                                 "or remove the split from the manifest")
             splits[split] = parsed
         provenance = obj.get("provenance", {})
         if not isinstance(provenance, dict):
@@ -234,6 +238,41 @@ def open_dataset(uri: str) -> DatasetInfo:
     return DatasetInfo.from_dict(obj, uri, source)
 
 
+def check_shard_bytes(data: bytes, uri: str, shard: ShardInfo, split: str) -> None:
+    """Check a shard's bytes against what the manifest records for it.
+
+    Args:
+        data: the shard file's whole content.
+        uri: where it was read from (named in the error).
+        shard: the manifest's record of it.
+        split: its split (named in the error).
+
+    Raises:
+        ValueError: size or SHA-256 differ; the message names the shard and how to fix it.
+    """
+    digest = storage.sha256(data)
+    if len(data) != shard.bytes or digest != shard.sha256:
+        raise ValueError(
+            f"shard {uri} of split {split!r} does not match its manifest: {len(data)} bytes "
+            f"with sha256 {digest[:12]}…, the manifest says {shard.bytes} bytes with sha256 "
+            f"{shard.sha256[:12]}…; the file changed after the dataset was written; re-create "
+            f"the dataset with `python jobs/prepare_data.py`"
+        )
+
+
+def read_shard(info: DatasetInfo, split: str, shard: ShardInfo) -> bytes:
+    """Read one shard of ``split`` whole and verify it (see :func:`check_shard_bytes`).
+
+    Raises:
+        FileNotFoundError: the shard is missing (names it).
+        ValueError: its bytes differ from the manifest's record (names it).
+    """
+    uri = storage.join(info.uri, shard.path)
+    data = storage.read_bytes(uri)
+    check_shard_bytes(data, uri, shard, split)
+    return data
+
+
 def verify_shards(info: DatasetInfo, split: str | None = None) -> int:
     """Re-read every shard of ``split`` (all splits if None) and check size and SHA-256.
 
@@ -247,18 +286,109 @@ def verify_shards(info: DatasetInfo, split: str | None = None) -> int:
     splits = [split] if split is not None else info.split_names
     count = 0
     for name in splits:
-        for shard, uri in zip(info._shards(name), info.shard_uris(name), strict=True):
-            data = storage.read_bytes(uri)
-            digest = storage.sha256(data)
-            if len(data) != shard.bytes or digest != shard.sha256:
-                raise ValueError(
-                    f"shard {uri} of split {name!r} does not match {manifest_uri(info.uri)}: "
-                    f"{len(data)} bytes with sha256 {digest[:12]}…, manifest says {shard.bytes} "
-                    f"bytes with sha256 {shard.sha256[:12]}…; the file changed after the dataset "
-                    f"was written; re-create the dataset with `python jobs/prepare_data.py`"
-                )
+        for shard in info._shards(name):
+            read_shard(info, name, shard)
             count += 1
     return count
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """What a shard holds, read from its footer and ``key`` column only (no image is read).
+
+    Attributes:
+        uri: the shard's URI.
+        split: its split.
+        columns: its column names.
+        keys: its keys in row order (empty when it has no ``key`` column).
+        rows: its number of rows.
+    """
+
+    uri: str
+    split: str
+    columns: tuple[str, ...]
+    keys: tuple[str, ...]
+    rows: int
+
+
+_SCANS: dict[tuple[str, str, int], ShardScan] = {}
+
+
+def scan_shards(info: DatasetInfo, splits: list[str] | None = None,
+                threads: int = 8) -> list[ShardScan]:
+    """Read the schema and keys of every shard of ``splits`` (all when None), in manifest order.
+
+    Only each file's footer and ``key`` column are fetched, several shards at a time, so this
+    costs a few small reads per shard even on S3. Results are cached per shard and checksum.
+
+    Raises:
+        FileNotFoundError: a listed shard is missing (names it).
+        ValueError: a shard's size differs from the manifest (names it), or it is not Parquet.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(name, shard) for name in (splits or info.split_names)
+            for shard in info._shards(name)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as pool:
+        return list(pool.map(lambda job: _scan_one(info, *job), jobs))
+
+
+def _scan_one(info: DatasetInfo, split: str, shard: ShardInfo) -> ShardScan:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = storage.join(info.uri, shard.path)
+    cache_key = (uri, shard.sha256, shard.bytes)
+    if cache_key in _SCANS:
+        return _SCANS[cache_key]
+    fs, path = storage.filesystem(uri)
+    try:
+        f = fs.open_input_file(path)
+    except (FileNotFoundError, OSError) as e:
+        if isinstance(e, FileNotFoundError) or "not found" in str(e).lower():
+            raise FileNotFoundError(f"shard {uri} of split {split!r}, listed in "
+                                    f"{manifest_uri(info.uri)}, is missing") from e
+        raise
+    with f:
+        if f.size() != shard.bytes:
+            raise ValueError(f"shard {uri} of split {split!r} has {f.size()} bytes, the manifest "
+                             f"says {shard.bytes}; the file changed after the dataset was written; "
+                             f"re-create the dataset with `python jobs/prepare_data.py`")
+        try:
+            parquet = pq.ParquetFile(f)
+            columns = tuple(parquet.schema_arrow.names)
+            keys = (tuple(str(k) for k in parquet.read(columns=["key"]).column("key").to_pylist())
+                    if "key" in columns else ())
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise ValueError(f"shard {uri} of split {split!r} is not a readable Parquet file "
+                             f"({type(e).__name__}: {e}); re-create the dataset") from e
+    scan = ShardScan(uri, split, columns, keys, parquet.metadata.num_rows)
+    _SCANS[cache_key] = scan
+    return scan
+
+
+def duplicate_keys(scans: list[ShardScan]) -> list[tuple[str, str, str]]:
+    """Keys that occur more than once, in scan order.
+
+    Returns:
+        ``(key, first_shard, repeat_shard)`` for every occurrence after the first (both shards
+        may be the same file).
+
+    Example:
+        >>> a = ShardScan("a.parquet", "train", ("key",), ("x", "y"), 2)
+        >>> b = ShardScan("b.parquet", "val", ("key",), ("y",), 1)
+        >>> duplicate_keys([a, b])
+        [('y', 'a.parquet', 'b.parquet')]
+    """
+    first: dict[str, str] = {}
+    out = []
+    for scan in scans:
+        for key in scan.keys:
+            if key in first:
+                out.append((key, first[key], scan.uri))
+            else:
+                first[key] = scan.uri
+    return out
 
 
 def default_palette(num_classes: int) -> list[list[int]]:

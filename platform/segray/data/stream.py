@@ -12,6 +12,12 @@ Randomness: each row's rescale/crop is drawn from ``(seed, execution index, key)
 counts executions of a dataset, so every epoch (every pass over the stream, also through
 ``streaming_split`` in Ray Train) gets new crops, and a run with the same seed gets the same ones.
 
+Integrity: only the shards the manifest lists are read, each whole and checked against its
+recorded size and SHA-256 (a mismatch is an error naming the shard, in any mode). Before a stream
+is built, :func:`check_split` reads the shards' footers and keys: a missing column, or a key
+repeated within the split or shared with another split, is reported there before any Ray work
+(with ``"skip"``, those rows are skipped and counted instead).
+
 Bad rows: with ``on_bad_sample="error"`` the first bad row stops the stream with a
 :class:`~segray.data.decode.BadSampleError` naming its shard and key. With ``"skip"`` it is
 dropped, logged as a warning by the worker, counted in the Prometheus counter
@@ -39,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -46,7 +53,14 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from segray import storage
 from segray.data.decode import BadSampleError, multi_hot, random_scale_crop, validate_sample
-from segray.data.manifest import DatasetInfo
+from segray.data.manifest import (
+    DatasetInfo,
+    ShardInfo,
+    check_shard_bytes,
+    duplicate_keys,
+    read_shard,
+    scan_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +73,14 @@ _METRICS: dict[str, Any] = {}
 class _SkipLog:
     def __init__(self) -> None:
         self.total = 0
+        self.seen: set[tuple[str, str]] = set()
         self.records: list[dict[str, str]] = []
 
     def add(self, shard: str, key: str, reason: str) -> None:
+        # Every epoch meets the same bad rows again; the count is of distinct rows.
+        if (shard, key) in self.seen:
+            return
+        self.seen.add((shard, key))
         self.total += 1
         if len(self.records) < _MAX_RECORDS:
             self.records.append({"shard": shard, "key": key, "reason": reason})
@@ -90,7 +109,7 @@ class SkipCounter:
 
     @property
     def total(self) -> int:
-        """Rows dropped so far."""
+        """Distinct rows dropped so far (a row met again in a later epoch counts once)."""
         return ray.get(self._actor.get.remote())[0]
 
     def records(self) -> list[dict[str, str]]:
@@ -130,6 +149,9 @@ def read_split(info: DatasetInfo, split: str, *, columns: Sequence[str] | None =
                shuffle_seed: int | None = None) -> ray.data.Dataset:
     """The raw shard rows of ``split`` as a Ray Dataset, plus a ``path`` column (the shard).
 
+    For tools: rows come straight from Ray's Parquet reader, without the checksum and structure
+    checks of :func:`train_dataset` and :func:`eval_dataset`.
+
     Args:
         info: the dataset.
         split: split name.
@@ -157,10 +179,13 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                  base_scale: tuple[int, int] | None, scale_choices: tuple[float, ...] | None,
                  copy: int,
                  counter: SkipCounter | None, dataset: str, split: str,
-                 mask_dtype: type, scheme: str) -> dict[str, np.ndarray]:
+                 mask_dtype: type, scheme: str,
+                 exclude: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
     keys, images, masks, labels = [], [], [], []
     for i, key in enumerate(batch["key"]):
+        if key in exclude:  # found and counted when the stream was built
+            continue
         shard = scheme + str(batch["path"][i])
         try:
             mask_bytes = batch["mask"][i] if labeled else None
@@ -190,6 +215,63 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         "mask": np.stack(masks) if masks else np.zeros((0, h, w), mask_dtype),
         "labels": np.stack(labels) if labels else np.zeros((0, num_classes), np.uint8),
     }
+
+
+def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: bool = False,
+                counter: SkipCounter | None = None) -> tuple[set[str], dict[str, frozenset[str]]]:
+    """Check the shards of ``split`` before streaming them: columns present, keys unique.
+
+    Reads only shard footers and ``key`` columns (see :func:`~segray.data.manifest.scan_shards`).
+    A key of ``split`` may not occur twice, nor in another split: one image in two splits leaks
+    between them. In skip mode the first occurrence (in manifest order) is kept.
+
+    Args:
+        info: the dataset.
+        split: the split about to be streamed.
+        columns: the columns the stream reads.
+        skip: instead of raising, plan to skip (and count) the affected rows of ``split``: every
+            row of a shard lacking a column, and each repeat of a key after its first occurrence
+            (a first occurrence in ``split`` repeated elsewhere is the other split's to skip).
+        counter: where skipped rows are counted.
+
+    Returns:
+        ``(shards_to_drop, keys_to_skip)``: shard URIs to leave out entirely, and per shard URI
+        the keys to leave out.
+
+    Raises:
+        ValueError: a shard lacks a column, or a key repeats (names shard, key and fix); also a
+            missing or resized shard, whatever ``skip`` says.
+    """
+    scans = scan_shards(info)
+    drop: set[str] = set()
+    exclude: dict[str, set[str]] = {}
+    skipped: list[BadSampleError] = []
+    for scan in scans:
+        missing = [c for c in columns if c not in scan.columns]
+        if scan.split != split or not missing:
+            continue
+        reason = (f"shard has no column(s) {', '.join(map(repr, missing))} (it has: "
+                  f"{', '.join(scan.columns)}); a segray shard holds key, image, mask, labels, "
+                  "height, width: re-create the dataset with `python jobs/prepare_data.py`")
+        if not skip:
+            raise ValueError(f"split {split!r}: shard {scan.uri}: {reason}")
+        drop.add(scan.uri)
+        skipped += [BadSampleError(scan.uri, k, reason)
+                    for k in scan.keys or [f"<row {i}>" for i in range(scan.rows)]]
+    ours = {scan.uri for scan in scans if scan.split == split}
+    for key, first, repeat in duplicate_keys(scans):
+        if first not in ours and repeat not in ours:
+            continue  # another split's problem, reported when that split is streamed
+        reason = (f"duplicate key: {key!r} also occurs in {first}; keys must be unique across "
+                  "the dataset (fix the source or its converter and re-create the dataset)")
+        if not skip:
+            raise BadSampleError(repeat, key, reason)
+        if repeat in ours and repeat not in drop:
+            exclude.setdefault(repeat, set()).add(key)
+            skipped.append(BadSampleError(repeat, key, reason))
+    for error in skipped:
+        _count_skip(error, counter, info.name, split)
+    return drop, {uri: frozenset(keys) for uri, keys in exclude.items()}
 
 
 def train_dataset(
@@ -234,7 +316,10 @@ def train_dataset(
         ``labels`` uint8 (K,).
 
     Raises:
-        ValueError: bad ``on_bad_sample`` or ``crop``.
+        ValueError: bad ``on_bad_sample`` or ``crop``; with ``on_bad_sample="error"`` also a shard
+            without a needed column or a repeated key (see :func:`check_split`). Bad rows raise
+            :class:`~segray.data.decode.BadSampleError` while streaming; a shard whose bytes
+            differ from the manifest raises ``ValueError`` in either mode.
         KeyError: unknown split.
     """
     if on_bad_sample not in BAD_SAMPLE_MODES:
@@ -256,31 +341,52 @@ def train_dataset(
                  "base_scale": tuple(int(v) for v in base_scale) if base_scale else None,
                  "scale_choices": tuple(float(v) for v in scale_choices) if scale_choices else None}
     fn_kwargs["scheme"] = ""  # the work items below carry full URIs
+    drop, exclude = check_split(info, split, columns, skip=on_bad_sample == "skip",
+                                counter=skip_counter)
     # One work item per (pass, shard), shard order permuted per pass. Each item is its own block,
     # so decode tasks run in parallel and stream their crops one row group at a time. This is
     # one Ray Data execution for any number of passes (a union of per-pass reads was measured
     # at 80 s to the first batch for 25 passes vs 6 s for one).
     rng = np.random.default_rng([seed, _key_seed(split)])
-    uris = info.shard_uris(split)
+    shards = dict(zip(info.shard_uris(split), info.splits[split], strict=True))
+    uris = list(shards)
     items = [{"uri": uris[i], "copy": copy} for copy in range(passes)
-             for i in rng.permutation(len(uris))]
+             for i in rng.permutation(len(uris)) if uris[i] not in drop]
+    if not items:
+        raise ValueError(f"no shard of split {split!r} of {info.uri} is usable: all were skipped")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         _train_shard, batch_format="numpy", batch_size=1, udf_modifying_row_count=True,
-        fn_kwargs={"columns": columns, "rows": batch_size, "kwargs": fn_kwargs})
+        fn_kwargs={"columns": columns, "rows": batch_size, "shards": shards, "split": split,
+                   "exclude": exclude, "kwargs": fn_kwargs})
+
+
+def _shard_batches(uri: str, shard: ShardInfo, split: str, columns: list[str],
+                   rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of one shard, ``rows`` at a time, as NumPy columns plus ``path`` (the shard).
+
+    The shard is fetched whole (one GET on S3, rather than one per row group) and checked against
+    the manifest before any row is used; a decode task holds one shard in memory.
+    """
+    data = storage.read_bytes(uri)
+    check_shard_bytes(data, uri, shard, split)
+    for record_batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=rows,
+                                                                          columns=columns):
+        batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False)
+                 for name in columns}
+        batch["path"] = np.full(record_batch.num_rows, uri, dtype=object)
+        yield batch
 
 
 def _train_shard(items: dict[str, np.ndarray], *, columns: list[str], rows: int,
+                 shards: dict[str, ShardInfo], split: str, exclude: dict[str, frozenset[str]],
                  kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """Read one shard (a work item) and yield decoded, cropped batches of ``rows`` rows."""
     for uri, copy in zip(items["uri"], items["copy"]):
-        fs, path = storage.filesystem(str(uri))
-        with fs.open_input_file(path) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
-                batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False)
-                         for name in columns}
-                batch["path"] = np.full(record_batch.num_rows, str(uri), dtype=object)
-                yield _train_batch(batch, copy=int(copy), **kwargs)
+        uri = str(uri)
+        for batch in _shard_batches(uri, shards[uri], split, columns, rows):
+            yield _train_batch(batch, copy=int(copy), exclude=exclude.get(uri, frozenset()),
+                               **kwargs)
 
 
 def _eval_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index: int,
@@ -306,13 +412,25 @@ def eval_dataset(info: DatasetInfo, split: str, *, batch_size: int = 16) -> ray.
     Returns:
         A lazy Dataset with columns ``key``, ``image`` uint8 (H_i, W_i, 3) and ``mask`` (H_i, W_i).
     """
-    ds = read_split(info, split, columns=["key", "image", "mask"])
-    return ds.map_batches(_eval_batch, batch_format="numpy", batch_size=batch_size,
-                          udf_modifying_row_count=False,
-                          fn_kwargs={"num_classes": info.num_classes,
-                                     "ignore_index": info.ignore_index,
-                                     "mask_dtype": _mask_dtype(info),
-                                     "scheme": _scheme(info)})
+    columns = ["key", "image", "mask"]
+    check_split(info, split, columns)
+    shards = dict(zip(info.shard_uris(split), info.splits[split], strict=True))
+    items = [{"uri": uri} for uri in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(
+        _eval_shard, batch_format="numpy", batch_size=1, udf_modifying_row_count=True,
+        fn_kwargs={"rows": batch_size, "shards": shards, "split": split, "columns": columns,
+                   "kwargs": {"num_classes": info.num_classes, "ignore_index": info.ignore_index,
+                              "mask_dtype": _mask_dtype(info), "scheme": ""}})
+
+
+def _eval_shard(items: dict[str, np.ndarray], *, rows: int, shards: dict[str, ShardInfo],
+                split: str, columns: list[str],
+                kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Read one verified shard and yield decoded full-size rows, ``rows`` at a time."""
+    for uri in items["uri"]:
+        for batch in _shard_batches(str(uri), shards[str(uri)], split, columns, rows):
+            yield _eval_batch(batch, **kwargs)
 
 
 def eval_rows(iterator: Any, *, rank: int = 0, world: int = 1,
@@ -389,14 +507,18 @@ def iter_rows(info: DatasetInfo, split: str,
               columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """Iterate the raw rows of ``split`` with pyarrow, without Ray (for tools and tests).
 
+    Each shard is read whole and checked against the manifest's size and SHA-256 first.
+
     Yields:
         One dict per row (``key``, ``image`` bytes, ``mask`` bytes or None, ``labels`` list,
         ``height``, ``width`` and any extra columns), in manifest order.
+
+    Raises:
+        ValueError: a shard's bytes differ from the manifest (names it).
     """
-    for uri in info.shard_uris(split):
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            reader = pq.ParquetFile(f)
-            for record_batch in reader.iter_batches(batch_size=32,
-                                                    columns=list(columns) if columns else None):
-                yield from record_batch.to_pylist()
+    info.shard_uris(split)  # KeyError naming the splits there are
+    for shard in info.splits[split]:
+        reader = pq.ParquetFile(pa.BufferReader(read_shard(info, split, shard)))
+        for record_batch in reader.iter_batches(batch_size=32,
+                                                columns=list(columns) if columns else None):
+            yield from record_batch.to_pylist()

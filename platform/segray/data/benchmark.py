@@ -1,0 +1,520 @@
+"""Data-plane throughput and memory, measured side by side in one run (``jobs/benchmark.py data``).
+
+Three comparisons, each a ratio of figures taken in the same run on the same images:
+
+1. **segray vs PyTorch.** images/s of the segray pipeline (shards on S3 or a local folder → Ray
+   Data decode + random scale/crop → uint8 batches through ``iter_torch_batches`` with
+   ``train_collate``) against a ``torch.utils.data.DataLoader`` whose worker processes do PIL
+   decode and the same random scale/crop over the same images, written as files to local disk.
+   Both are timed in steady state (from the first batch on) over the same epochs; rounds
+   alternate between the two to cancel drift, and each side's best round is reported (other
+   load on the machine only ever slows a round down). Goal: ≥ 1.0×.
+2. **Share of the decode limit.** A tight PIL decode loop (image + mask) over the same bytes, in
+   one process and in as many processes as the DataLoader has workers; the pipeline's images/s
+   over the multi-process figure. Goal: ≥ 80 %.
+3. **Streaming memory.** Peak memory of the whole process tree (driver, Raylet, Ray workers)
+   while streaming a dataset ``rss_factor`` times larger vs 1×, each size in a fresh
+   subprocess. Goal: ≤ 1.2×.
+
+Without ``data``, the images are synthetic scenes encoded as JPEG; their shards go to an
+S3-compatible server on 127.0.0.1 started for the run (moto, a test dependency), or to a local
+folder with ``local=True``.
+
+Example:
+    >>> res = bench_data(DataBenchConfig(images=64, size=96, crop=64), local=True)  # doctest: +SKIP
+    >>> res["ratio_vs_dataloader"], res["share_of_decode_limit"], res["rss"]["ratio"]
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segray import storage
+
+GOALS = {"ratio_vs_dataloader": 1.0, "share_of_decode_limit": 0.8, "rss_ratio": 1.2}
+# moto rejects pyarrow's multipart uploads (any object past 10 MiB); shards stay below that.
+_MAX_SHARD_BYTES = 8 * 2**20
+
+
+@dataclass
+class DataBenchConfig:
+    """Sizes of the data benchmark (defaults finish in a few minutes on 2 cores).
+
+    Attributes:
+        images: images in the 1× dataset.
+        size: side of the synthetic images in pixels.
+        crop: side of the training crop.
+        batch_size: images per batch.
+        epochs: epochs per timed round.
+        rounds: timed rounds per pipeline (alternating); the best is reported.
+        workers: DataLoader workers and decode-limit processes.
+        scale_range: random rescale ratios (both pipelines).
+        rss_factor: size of the large dataset of the memory test, in multiples of ``images``.
+        quality: JPEG quality of the synthetic images.
+        seed: seed of the synthetic scenes.
+    """
+
+    images: int = 512
+    size: int = 256
+    crop: int = 128
+    batch_size: int = 32
+    epochs: int = 3
+    rounds: int = 3
+    workers: int = 2
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    rss_factor: int = 10
+    quality: int = 90
+    seed: int = 0
+
+
+def bench_data(cfg: DataBenchConfig, *, data: str | None = None, local: bool = False,
+               rss: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the three comparisons and return their figures, ratios and goals.
+
+    Args:
+        cfg: sizes.
+        data: an existing dataset whose labelled ``train`` split is streamed as it is (the
+            baseline, decode limit and memory test use copies of all its rows, held in memory:
+            use a sample of a large dataset); None writes ``cfg.images`` synthetic JPEGs.
+        local: write the synthetic set to a local folder instead of a local S3 server.
+        rss: also run the streaming-memory comparison (two fresh subprocesses).
+        log: progress lines go here.
+
+    Returns:
+        A JSON-ready dict; the headline ratios are ``ratio_vs_dataloader``,
+        ``share_of_decode_limit`` and ``rss["ratio"]``.
+    """
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="segray-bench-")))
+        if data is not None:
+            # The user's dataset is streamed as it is; the memory test uses local copies.
+            uri_1x, rows, classes = _rows_of(data)
+            base, where = str(work / "data"), "s3" if storage.is_s3(data) else "local"
+        else:
+            if not local:
+                stack.enter_context(_local_s3_server())
+            base = str(work / "data") if local else "s3://segray-bench/data"
+            where = "local" if local else "s3 (moto on 127.0.0.1)"
+            rows, classes = _synthetic_rows(cfg), None
+            uri_1x = _write(storage.join(base, "1x"), rows, 1, classes)
+        keys = _write_files(work / "files", rows)
+        log(f"[bench] {len(rows)} images ({rows[0]['width']}x{rows[0]['height']} first) at "
+            f"{uri_1x}; the same as files under {work / 'files'}")
+
+        single = decode_rate(work / "files", keys, processes=1)
+        multi = decode_rate(work / "files", keys, processes=cfg.workers)
+        log(f"[bench] decode-only: {single:.0f} img/s (1 process), {multi:.0f} img/s "
+            f"({cfg.workers} processes)")
+        seg, ref = _throughput(cfg, uri_1x, work / "files", keys, log)
+        result: dict[str, Any] = {
+            "config": asdict(cfg), "storage": where, "dataset": uri_1x, "images": len(rows),
+            "segray_images_per_s": max(seg), "dataloader_images_per_s": max(ref),
+            "decode_images_per_s_1proc": single, "decode_images_per_s_nproc": multi,
+            "segray_rounds": seg, "dataloader_rounds": ref, "goals": GOALS,
+        }
+        result["ratio_vs_dataloader"] = (result["segray_images_per_s"]
+                                         / result["dataloader_images_per_s"])
+        result["share_of_decode_limit"] = result["segray_images_per_s"] / multi
+        if rss:
+            small_uri = uri_1x if data is None else _write(storage.join(base, "1x"), rows, 1,
+                                                             classes)
+            large_uri = _write(storage.join(base, f"{cfg.rss_factor}x"), rows, cfg.rss_factor,
+                               classes)
+            small = stream_memory(small_uri, cfg)
+            log(f"[bench] streaming 1x ({small['images']} images): peak {small['peak_rss_mb']:.0f}"
+                f" MB")
+            big = stream_memory(large_uri, cfg)
+            log(f"[bench] streaming {cfg.rss_factor}x ({big['images']} images): peak "
+                f"{big['peak_rss_mb']:.0f} MB")
+            result["rss"] = {"1x": small, "large": big, "factor": cfg.rss_factor,
+                             "ratio": big["peak_rss_mb"] / small["peak_rss_mb"],
+                             "pss_ratio": (big["peak_pss_mb"] / small["peak_pss_mb"]
+                                           if small["peak_pss_mb"] else None)}
+        return result
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _synthetic_rows(cfg: DataBenchConfig) -> list[dict[str, Any]]:
+    from segray.data.shards import encode_mask_png
+    from segray.data.synthetic import render_scene
+
+    rng = np.random.default_rng(cfg.seed)
+    # Rendering is slow (~30 ms a scene); 128 distinct scenes repeat under distinct keys, which
+    # costs decoding exactly as much as distinct ones.
+    scenes = []
+    for _ in range(min(cfg.images, 128)):
+        image, mask = render_scene(rng, cfg.size, cfg.size)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=cfg.quality)
+        scenes.append({"image": buf.getvalue(), "mask": encode_mask_png(mask),
+                       "labels": np.unique(mask).tolist(), "height": cfg.size,
+                       "width": cfg.size})
+    return [dict(scenes[i % len(scenes)], key=f"img{i:06d}") for i in range(cfg.images)]
+
+
+def _rows_of(uri: str) -> tuple[str, list[dict[str, Any]], list[str]]:
+    from segray.data.manifest import open_dataset
+    from segray.data.stream import iter_rows
+
+    info = open_dataset(uri)
+    rows = [r for r in iter_rows(info, "train") if r["mask"] is not None]
+    if len(rows) != info.num_rows("train"):
+        raise ValueError(f"dataset {uri}: the benchmark needs a fully labelled 'train' split")
+    return info.uri, rows, info.classes
+
+
+def _write(uri: str, rows: list[dict[str, Any]], factor: int,
+           classes: list[str] | None) -> str:
+    """Write ``rows`` repeated ``factor`` times (distinct keys) as a one-split dataset."""
+    from segray.data.shards import DatasetWriter
+    from segray.data.synthetic import CLASSES
+
+    per_row = statistics.mean(len(r["image"]) + len(r["mask"]) for r in rows)
+    rows_per_shard = int(max(8, min(256, _MAX_SHARD_BYTES // per_row)))
+    with DatasetWriter(uri, "bench", classes or CLASSES, rows_per_shard=rows_per_shard) as w:
+        for copy in range(factor):
+            for r in rows:
+                w.add("train", f"{r['key']}-{copy}", r["image"], r["mask"], r["labels"],
+                      r["height"], r["width"])
+    return storage.absolute(uri)
+
+
+def _write_files(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Write each row's image and mask as files (named by position: keys may hold '/')."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    names = [f"{i:06d}" for i in range(len(rows))]
+    for name, r in zip(names, rows):
+        (folder / "images" / name).write_bytes(r["image"])
+        (folder / "masks" / name).write_bytes(r["mask"])
+    return names
+
+
+@contextmanager
+def _local_s3_server() -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1 and point this process's AWS environment at it."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError as e:
+        raise ValueError("the S3 leg of the benchmark needs moto (pip install 'moto[server]'); "
+                         "or pass --local, or --data s3://<your dataset>") from e
+    script = ("import logging, sys\n"
+              "logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+              "from moto.server import ThreadedMotoServer\n"
+              "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
+              "s.start()\nprint(s.get_host_and_port()[1], flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    saved = dict(os.environ)
+    try:
+        port = proc.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError("the local S3 server (moto) did not start")
+        os.environ.update({
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"})
+        import boto3
+
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(
+            Bucket="segray-bench")
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        proc.stdin.close()  # the server exits at end of input
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
+                log: Callable[[str], None]) -> tuple[list[float], list[float]]:
+    import ray
+    import torch
+
+    from segray.data.manifest import open_dataset
+    from segray.data.stream import train_collate, train_dataset
+
+    crop = (cfg.crop, cfg.crop)
+    loader = torch.utils.data.DataLoader(
+        FolderCrops(str(folder), keys, crop, cfg.scale_range, cfg.seed),
+        batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        # spawn: this process runs Ray's threads, which a forked child must not inherit.
+        multiprocessing_context="spawn" if cfg.workers > 0 else None)
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        stream = train_dataset(open_dataset(uri), "train", crop=crop, scale_range=cfg.scale_range,
+                               seed=cfg.seed, batch_size=cfg.batch_size, passes=cfg.epochs)
+
+        def segray_epochs() -> Iterator[Any]:
+            yield from stream.iter_torch_batches(batch_size=cfg.batch_size, device="cpu",
+                                                 collate_fn=train_collate, prefetch_batches=2)
+
+        def torch_epochs() -> Iterator[Any]:
+            for _ in range(cfg.epochs):
+                for image, _mask in loader:
+                    yield {"image": image}
+
+        seg, ref = [], []
+        for i in range(cfg.rounds):
+            seg.append(_rate(segray_epochs()))
+            ref.append(_rate(torch_epochs()))
+            log(f"[bench] round {i + 1}/{cfg.rounds}: segray {seg[-1]:.0f} img/s, "
+                f"DataLoader({cfg.workers}) {ref[-1]:.0f} img/s")
+        return seg, ref
+    finally:
+        ray.shutdown()
+
+
+def _rate(batches: Iterator[Any]) -> float:
+    """images/s from the first batch on (start-up is not steady-state throughput).
+
+    With a single batch in all, there is no steady state: the rate includes the start-up.
+    """
+    start = time.perf_counter()
+    first = len(next(batches)["image"])
+    n, t_first = 0, time.perf_counter()
+    for batch in batches:
+        n += len(batch["image"])
+    end = time.perf_counter()
+    return n / (end - t_first) if n else first / (end - start)
+
+
+class FolderCrops:
+    """A map-style PyTorch dataset: PIL decode + random rescale + crop/pad of files on disk.
+
+    What a researcher writes without a platform; picklable, so DataLoader workers can run it.
+
+    Returns per item ``(image uint8 (3, h, w), mask int64 (h, w))`` with ``(h, w) = crop``.
+    """
+
+    def __init__(self, folder: str, keys: list[str], crop: tuple[int, int],
+                 scale_range: tuple[float, float], seed: int) -> None:
+        self.folder, self.keys, self.crop, self.scale_range = folder, keys, crop, scale_range
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        import torch
+
+        rng = np.random.default_rng()
+        key = self.keys[i]
+        with Image.open(os.path.join(self.folder, "images", key)) as img:
+            image = img.convert("RGB")
+        with Image.open(os.path.join(self.folder, "masks", key)) as m:
+            mask = m.copy()  # a closed image has no pixels
+        r = rng.uniform(*self.scale_range)
+        size = (max(1, round(image.width * r)), max(1, round(image.height * r)))
+        image = np.asarray(image.resize(size, Image.BILINEAR))
+        mask = np.asarray(mask.resize(size, Image.NEAREST))
+        ch, cw = self.crop
+        y0 = int(rng.integers(0, max(size[1] - ch, 0) + 1))
+        x0 = int(rng.integers(0, max(size[0] - cw, 0) + 1))
+        out_i = np.zeros((ch, cw, 3), np.uint8)
+        out_m = np.full((ch, cw), 255, np.uint8)
+        win_i, win_m = image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
+        out_i[: win_i.shape[0], : win_i.shape[1]] = win_i
+        out_m[: win_m.shape[0], : win_m.shape[1]] = win_m
+        return (torch.from_numpy(out_i).permute(2, 0, 1),  # (3, h, w)
+                torch.from_numpy(out_m.astype(np.int64)))
+
+
+# ----------------------------------------------------------------------------- decode limit
+
+_SAMPLES: list[tuple[bytes, bytes]] = []
+
+
+def _load_samples(folder: str, names: list[str]) -> None:
+    # Each process reads the files itself: no large pickle through the pool's pipes.
+    _SAMPLES[:] = [(Path(folder, "images", n).read_bytes(), Path(folder, "masks", n).read_bytes())
+                   for n in names]
+
+
+def _decode_range(bounds: tuple[int, int]) -> int:
+    from segray.data.decode import decode_image, decode_mask
+
+    for image, mask in _SAMPLES[bounds[0]:bounds[1]]:
+        decode_image(image)
+        decode_mask(mask)
+    return bounds[1] - bounds[0]
+
+
+def decode_rate(folder: str | Path, names: list[str], processes: int = 1,
+                repeats: int = 3) -> float:
+    """images/s of a tight decode loop (image + mask) over files written by the benchmark.
+
+    The bytes are read into memory first (``folder/images/<name>``, ``folder/masks/<name>``);
+    with ``processes > 1`` they are split evenly across a pool whose workers are up and loaded
+    before the clock starts. The best of ``repeats`` is returned.
+
+    Raises:
+        ValueError: a file is not a decodable image.
+    """
+    n = len(names)
+    if processes <= 1:
+        _load_samples(str(folder), names)
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _decode_range((0, n))
+            best = max(best, n / (time.perf_counter() - start))
+        _SAMPLES.clear()
+        return best
+    cuts = np.linspace(0, n, processes + 1).astype(int)
+    parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    with mp.get_context("spawn").Pool(processes, initializer=_load_samples,
+                                      initargs=(str(folder), names)) as pool:
+        pool.map(_decode_range, [(0, 1)] * processes)  # workers up and imports done
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            done = sum(pool.map(_decode_range, parts, chunksize=1))
+            best = max(best, done / (time.perf_counter() - start))
+        return best
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def stream_memory(uri: str, cfg: DataBenchConfig, interval: float = 0.2) -> dict[str, float]:
+    """Stream ``uri``'s train split once in a fresh subprocess; sample its process tree's memory.
+
+    Returns:
+        ``images`` streamed, ``idle_rss_mb`` (Ray up, stream built, nothing read yet),
+        ``peak_rss_mb`` (sum of RSS over the tree: shared pages count in every process) and
+        ``peak_pss_mb`` (proportional share; 0 where the kernel does not report it).
+    """
+    code = ("import sys; from segray.data.benchmark import stream_once; "
+            "stream_once(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, uri, str(cfg.crop), str(cfg.batch_size)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = {"rss": 0, "pss": 0}
+    idle = {"rss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss, pss = process_tree_memory(proc.pid)
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    images = 0
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            idle["rss"] = process_tree_memory(proc.pid)[0]
+        elif line.startswith("IMAGES"):
+            images = int(line.split()[1])
+    proc.wait()
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"streaming {uri} in a subprocess failed (exit {proc.returncode})")
+    mb = 2**20
+    return {"images": images, "idle_rss_mb": idle["rss"] / mb, "peak_rss_mb": peak["rss"] / mb,
+            "peak_pss_mb": peak["pss"] / mb}
+
+
+def stream_once(uri: str, crop: int, batch_size: int) -> int:
+    """Stream a dataset's train split once through the training pipeline (the memory probe).
+
+    Prints ``READY`` once Ray is up and the stream is built, then ``IMAGES <n>`` at the end.
+    """
+    import ray
+
+    from segray.data.manifest import open_dataset
+    from segray.data.stream import train_collate, train_dataset
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    stream = train_dataset(open_dataset(uri), "train", crop=(crop, crop), batch_size=batch_size)
+    print("READY", flush=True)
+    n = 0
+    for batch in stream.iter_torch_batches(batch_size=batch_size, collate_fn=train_collate,
+                                           device="cpu"):
+        n += len(batch["image"])
+    print(f"IMAGES {n}", flush=True)
+    ray.shutdown()
+    return n
+
+
+def process_tree_memory(pid: int) -> tuple[int, int]:
+    """``(rss, pss)`` in bytes summed over ``pid`` and all its descendants (0, 0 if gone).
+
+    Uses psutil when installed, else ``/proc`` (Linux). PSS is 0 where it cannot be read.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return _proc_tree_memory(pid)
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    rss = pss = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            rss, pss = rss + info.rss, pss + getattr(info, "pss", 0)
+        except psutil.Error:
+            continue
+    return rss, pss
+
+
+def _proc_tree_memory(pid: int) -> tuple[int, int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = pss = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            rss += int(Path("/proc", str(p), "statm").read_text().split()[1]) * page
+            for line in Path("/proc", str(p), "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return rss, pss

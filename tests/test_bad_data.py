@@ -1,0 +1,290 @@
+"""Bad data: every kind of broken row or shard is a clear error naming the shard and key (or the
+split), by default; with ``data.on_bad_sample=skip`` a run skips the bad rows and counts them in
+its metrics and summary.
+
+Detection is checked without Ray first (decode checks, shard scans, manifests), then on a real
+local Ray through the streams the train job builds, then end to end through ``jobs/train.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_env, run_job
+
+from segray import storage
+from segray.data.decode import BadSampleError, validate_sample
+from segray.data.manifest import open_dataset
+from segray.data.shards import DatasetWriter, encode_mask_png
+from segray.data.stream import check_split, iter_rows
+from segray.data.synthetic import make_synthetic
+
+NUM_CLASSES = 6  # the synthetic set's classes
+TRAIN = ["--method", "supervised", "--steps", "4", "--eval-every", "4", "--batch-size", "4",
+         "--set", "model.decoder_channels=16", "--set", "train.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """Rows of a small clean synthetic set: 16 train and 4 val images of 32x32."""
+    info = make_synthetic(str(tmp_path_factory.mktemp("bad") / "good"), train=16, val=4,
+                          unlabeled=0, size=32, seed=5, rows_per_shard=8)
+    return info, list(iter_rows(info, "train")), list(iter_rows(info, "val"))
+
+
+def _write(dst: Path, info, train: list[dict], val: list[dict]) -> Path:
+    """Write rows with the real writer: 4 rows per shard, so shard i holds rows 4i..4i+3."""
+    with DatasetWriter(str(dst), "bad", info.classes, info.palette, rows_per_shard=4) as w:
+        for split, rows in (("train", train), ("val", val)):
+            for r in rows:
+                w.add(split, r["key"], r["image"], r["mask"], r["labels"], r["height"], r["width"])
+    return dst
+
+
+def _rewrite_shard(dst: Path, name: str, edit) -> None:
+    """Replace a shard with ``edit(table)`` and record its new checksum in the manifest.
+
+    This bypasses the writer's own checks (unique keys, schema), as a hand-edited or foreign
+    dataset would; the manifest stays consistent, so only the structure checks can catch it.
+    """
+    table = edit(pq.read_table(dst / name))
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
+    (dst / name).write_bytes(data)
+    manifest = json.loads((dst / "dataset.json").read_text())
+    for shards in manifest["splits"].values():
+        for shard in shards:
+            if shard["path"] == name:
+                shard.update(sha256=storage.sha256(data), bytes=len(data), rows=table.num_rows)
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+
+
+def _set_key(table: pa.Table, row: int, key: str) -> pa.Table:
+    keys = table.column("key").to_pylist()
+    keys[row] = key
+    return table.set_column(table.schema.get_field_index("key"), "key",
+                            pa.array(keys, pa.string()))
+
+
+def _drop_mask(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["mask"])
+
+
+def _row_variants(rows: list[dict]) -> dict[str, tuple[list[dict], int]]:
+    """Row-level bad cases: (rows, index of the bad row)."""
+
+    def with_row(i: int, **change) -> list[dict]:
+        out = [dict(r) for r in rows]
+        out[i].update(change)
+        return out
+
+    h, w = rows[5]["height"], rows[5]["width"]
+    out_of_range = np.zeros((h, w), np.uint8)
+    out_of_range[0, :3] = [1, NUM_CLASSES + 3, 255]  # 9 is no class; 255 (ignore) is fine
+    return {
+        "corrupt_image": (with_row(5, image=b"\xff\xd8\xff\xe0 truncated jpeg"), 5),
+        "mask_size": (with_row(5, mask=encode_mask_png(np.zeros((h + 3, w), np.uint8))), 5),
+        "label_range": (with_row(5, mask=encode_mask_png(out_of_range)), 5),
+    }
+
+
+def test_row_checks_name_shard_and_key(good):
+    _, train, _ = good
+    for case, (rows, i) in _row_variants(train).items():
+        r = rows[i]
+        with pytest.raises(BadSampleError) as e:
+            validate_sample(r["image"], r["mask"], num_classes=NUM_CLASSES,
+                            shard="s3://b/ds/train-00001.parquet", key=r["key"])
+        assert e.value.key == r["key"] and "train-00001.parquet" in str(e.value), case
+        h, w = r["height"], r["width"]
+        expected = {"corrupt_image": "cannot decode",
+                    "mask_size": f"mask is {h + 3}x{w} but image is {h}x{w}",
+                    "label_range": "label values [9] outside [0, 6)"}[case]
+        assert expected in str(e.value)
+    # Ignore-valued pixels and every class id are accepted.
+    ok = np.array([[0, 5, 255]], np.uint8)
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (3, 1)).save(png, format="PNG")
+    _, mask = validate_sample(png.getvalue(), encode_mask_png(ok), num_classes=NUM_CLASSES)
+    assert mask.tolist() == ok.tolist()
+
+
+def test_structure_checks(tmp_path, good):
+    info, train, val = good
+    # A shard without its mask column, listed (with a matching checksum) by the manifest.
+    dst = _write(tmp_path / "nomask", info, train, val)
+    _rewrite_shard(dst, "train-00002.parquet", _drop_mask)
+    ds = open_dataset(str(dst))
+    with pytest.raises(ValueError, match=r"split 'train': shard .*train-00002\.parquet: shard has "
+                                         r"no column\(s\) 'mask'"):
+        check_split(ds, "train", ["key", "image", "labels", "mask"])
+    assert check_split(ds, "train", ["key", "image", "labels"]) == (set(), {})  # unlabelled use
+    # A key repeated in a second shard (and one repeated across splits).
+    dst = _write(tmp_path / "dup", info, train, val)
+    _rewrite_shard(dst, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
+    ds = open_dataset(str(dst))
+    with pytest.raises(BadSampleError) as e:
+        check_split(ds, "train", ["key", "image", "mask"])
+    assert e.value.key == train[2]["key"] and e.value.shard.endswith("train-00003.parquet")
+    assert "also occurs in" in str(e.value) and "train-00000.parquet" in str(e.value)
+    assert check_split(ds, "val", ["key", "image", "mask"]) == (set(), {})  # val is clean
+    # A training image that is also a validation image: both splits refuse it.
+    _rewrite_shard(dst, "train-00003.parquet", lambda t: _set_key(t, 1, train[13]["key"]))
+    _rewrite_shard(dst, "val-00000.parquet", lambda t: _set_key(t, 0, train[0]["key"]))
+    ds = open_dataset(str(dst))
+    for split in ("train", "val"):
+        with pytest.raises(BadSampleError, match=r"val-00000\.parquet: duplicate key"):
+            check_split(ds, split, ["key", "image", "mask"])
+
+
+def test_empty_split_names_the_split(tmp_path, good):
+    info, train, val = good
+    dst = _write(tmp_path / "empty", info, train, val)
+    manifest = json.loads((dst / "dataset.json").read_text())
+    # A split whose shards hold no row (a zero-row Parquet file with the right checksum).
+    sink = io.BytesIO()
+    pq.write_table(pq.read_table(dst / "val-00000.parquet").slice(0, 0), sink)
+    (dst / "val-00000.parquet").write_bytes(sink.getvalue())
+    manifest["splits"]["val"] = [{"path": "val-00000.parquet", "rows": 0, "bytes": len(
+        sink.getvalue()), "sha256": storage.sha256(sink.getvalue())}]
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"split 'val' is empty"):
+        open_dataset(str(dst))
+    manifest["splits"]["val"] = []
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"'splits\.val'"):
+        open_dataset(str(dst))
+    # The writer refuses to produce one in the first place.
+    r = train[0]
+    with (pytest.raises(ValueError, match=r"split\(s\) val .* received no rows"),
+          DatasetWriter(str(tmp_path / "w"), "x", info.classes, splits=["train", "val"]) as w):
+        w.add("train", r["key"], r["image"], r["mask"], r["labels"], r["height"], r["width"])
+    assert not (tmp_path / "w" / "dataset.json").exists()
+
+
+def test_changed_shard_fails_every_reader(tmp_path, good):
+    info, train, val = good
+    dst = _write(tmp_path / "changed", info, train, val)
+    shard = dst / "train-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    ds = open_dataset(str(dst))
+    with pytest.raises(ValueError, match=r"shard .*train-00001\.parquet of split 'train' does "
+                                         r"not match its manifest"):
+        list(iter_rows(ds, "train"))
+    assert len(list(iter_rows(ds, "val"))) == 4
+
+
+# ------------------------------------------------------------------ Ray streams (local, in-process)
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # in-process test cluster; no token file written
+    # address="local": a private instance, never another engineer's `ray start` cluster.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def _mixed(tmp_path: Path, good) -> tuple[Path, set[str], str]:
+    """Every skippable case in one train split.
+
+    Returns:
+        The dataset folder, the keys of the bad rows, and the key whose second occurrence (in
+        shard 2) is a duplicate.
+    """
+    info, train, val = good
+    rows = [dict(r) for r in train]
+    variants = _row_variants(train)
+    for j, case in enumerate(("corrupt_image", "mask_size", "label_range")):
+        bad_rows, i = variants[case]
+        rows[4 * j + 1] = dict(bad_rows[i], key=rows[4 * j + 1]["key"])  # shards 0, 1, 2
+    dst = _write(tmp_path, info, rows, val)
+    _rewrite_shard(dst, "train-00003.parquet", _drop_mask)  # shard 3: rows 12..15
+    _rewrite_shard(dst, "train-00002.parquet", lambda t: _set_key(t, 3, rows[0]["key"]))
+    bad = {rows[1]["key"], rows[5]["key"], rows[9]["key"], *(r["key"] for r in rows[12:])}
+    return dst, bad, rows[0]["key"]
+
+
+@pytest.mark.cluster
+def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
+    from segray.data.stream import SkipCounter, eval_dataset, train_dataset
+
+    info, train, val = good
+    crop = (24, 24)
+    for case, (rows, i) in _row_variants(train).items():
+        ds = open_dataset(str(_write(tmp_path / case, info, rows, val)))
+        with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
+            train_dataset(ds, "train", crop=crop).take_all()
+        assert rows[i]["key"] in str(e.value) and "train-00001.parquet" in str(e.value), case
+
+    dst, bad, dup = _mixed(tmp_path / "mixed", good)
+    ds = open_dataset(str(dst))
+    with pytest.raises(ValueError, match="train-00003.parquet: shard has no column"):
+        train_dataset(ds, "train", crop=crop)  # structure problems stop before any Ray work
+    counter = SkipCounter()
+    stream = train_dataset(ds, "train", crop=crop, on_bad_sample="skip", skip_counter=counter,
+                           passes=2)
+    kept = [r["key"] for r in stream.take_all()]
+    assert len(kept) == 2 * (16 - len(bad) - 1)  # each epoch: the good rows, the dup key once
+    assert not set(kept) & bad and kept.count(dup) == 2
+    assert counter.total == len(bad) + 1  # distinct rows, though 2 epochs met them
+    reasons = {r["key"]: r["reason"] for r in counter.records()}
+    assert "duplicate key" in reasons[dup] and "no column(s) 'mask'" in reasons[train[12]["key"]]
+    # Evaluation never skips: a broken val split fails even in skip mode.
+    assert len(eval_dataset(ds, "val").take_all()) == 4
+
+
+# ------------------------------------------------------------------ through jobs/train.py
+
+@pytest.mark.cluster
+def test_train_job_stops_on_bad_data(tmp_path, good):
+    info, train, val = good
+    env = job_env(tmp_path)
+    rows, i = _row_variants(train)["corrupt_image"]
+    dst = _write(tmp_path / "corrupt", info, rows, val)
+    proc = run_job("train.py", *TRAIN, "--data", str(dst), "--set", "train.max_failures=0",
+                   env=env, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert f"bad sample '{rows[i]['key']}' in shard {dst / 'train-00001.parquet'}" in proc.stdout
+    assert "cannot decode" in proc.stdout
+
+    dup = _write(tmp_path / "dup", info, train, val)
+    _rewrite_shard(dup, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
+    proc = run_job("train.py", *TRAIN, "--data", str(dup), env=env, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert f"bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" in proc.stdout
+
+    empty = _write(tmp_path / "empty", info, train, val)
+    manifest = json.loads((empty / "dataset.json").read_text())
+    manifest["splits"]["val"][0]["rows"] = 0
+    (empty / "dataset.json").write_text(json.dumps(manifest))
+    proc = run_job("train.py", *TRAIN, "--data", str(empty), env=env, check=False, timeout=300)
+    assert proc.returncode != 0 and "split 'val' is empty" in proc.stdout
+
+
+@pytest.mark.cluster
+def test_train_job_skips_and_counts(tmp_path, good):
+    dst, bad, _ = _mixed(tmp_path / "mixed", good)
+    runs = tmp_path / "runs"
+    proc = run_job("train.py", *TRAIN, "--data", str(dst), "--set", "data.on_bad_sample=skip",
+                   "--name", "skip", "--storage", str(runs), env=job_env(tmp_path), timeout=300)
+    assert "validation mIoU" in proc.stdout
+    run = runs / "skip"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bad_samples_skipped"] == len(bad) + 1  # + the duplicate
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["data/bad_samples_skipped"] for h in history if "val/mIoU" in h] == [len(bad) + 1]

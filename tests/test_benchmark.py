@@ -1,0 +1,109 @@
+"""Smoke tests of ``jobs/benchmark.py``: both subcommands run with tiny settings, print their table
+and write their JSON. Figures are not checked against goals (no timed assertions); the parts that
+compute them are checked on inputs whose answer is known."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import job_env, run_job
+from PIL import Image
+
+from segray.data.benchmark import FolderCrops, decode_rate, process_tree_memory
+
+
+def test_train_benchmark_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    proc = run_job("benchmark.py", "train", "--method", "supervised", "--bench-steps", "2",
+                   "--rounds", "1", "--batch-size", "2", "--set", "model.decoder_channels=16",
+                   "--out", str(out), env=job_env(tmp_path), timeout=300)
+    for row in ("platform images/s", "bare PyTorch images/s", "ratio (goal >= 0.95)"):
+        assert row in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["method"] == "supervised" and res["batch"] == 2 and res["rounds"] == 1
+    assert res["platform_images_per_s"] > 0 and res["bare_images_per_s"] > 0
+    assert res["ratio"] == pytest.approx(res["platform_images_per_s"] / res["bare_images_per_s"])
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_data_benchmark_smoke(tmp_path):
+    # The default storage: shards on a local S3 server the benchmark starts and stops itself.
+    out = tmp_path / "data.json"
+    proc = run_job("benchmark.py", "data", "--images", "24", "--size", "48", "--crop", "32",
+                   "--batch-size", "8", "--epochs", "1", "--rounds", "1", "--rss-factor", "2",
+                   "--out", str(out), env=job_env(tmp_path), timeout=600)
+    for row in ("segray pipeline images/s", "DataLoader(2) + PIL images/s", "ratio (goal >= 1.0x)",
+                "share of decode limit (goal >= 80%)", "RSS ratio 2x / 1x (goal <= 1.2x)"):
+        assert row in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["storage"] == "s3 (moto on 127.0.0.1)" and res["dataset"].startswith("s3://")
+    assert res["images"] == 24 and res["rss"]["1x"]["images"] == 24
+    assert res["rss"]["large"]["images"] == 48
+    assert res["ratio_vs_dataloader"] == pytest.approx(
+        res["segray_images_per_s"] / res["dataloader_images_per_s"])
+    assert res["share_of_decode_limit"] == pytest.approx(
+        res["segray_images_per_s"] / res["decode_images_per_s_nproc"])
+    assert res["rss"]["ratio"] == pytest.approx(
+        res["rss"]["large"]["peak_rss_mb"] / res["rss"]["1x"]["peak_rss_mb"])
+    # A Ray instance, its workers and the driver hold far more than the idle interpreter.
+    assert res["rss"]["1x"]["peak_rss_mb"] > 200
+    assert res["rss"]["1x"]["peak_rss_mb"] >= res["rss"]["1x"]["idle_rss_mb"] > 0
+
+
+def test_folder_crops_baseline(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[:, 15:] = 4
+    Image.fromarray(image).save(tmp_path / "images" / "a", format="PNG")
+    Image.fromarray(mask).save(tmp_path / "masks" / "a", format="PNG")
+    data = FolderCrops(str(tmp_path), ["a"], (40, 24), (1.0, 1.0), seed=0)
+    img, msk = data[0]
+    assert tuple(img.shape) == (3, 40, 24) and str(img.dtype) == "torch.uint8"
+    assert tuple(msk.shape) == (40, 24) and str(msk.dtype) == "torch.int64"
+    # Scale 1: rows 20..39 are padding (ignore), the window shows a slice of the original.
+    assert (msk[20:] == 255).all() and set(msk[:20].unique().tolist()) <= {0, 4}
+    x0 = next(x for x in range(7) if np.array_equal(img[:, :20].permute(1, 2, 0).numpy(),
+                                                    image[:, x:x + 24]))
+    assert np.array_equal(msk[:20].numpy(), mask[:, x0:x0 + 24])
+
+
+def test_decode_rate(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "images" / "a", format="JPEG")
+    Image.new("L", (32, 32)).save(tmp_path / "masks" / "a", format="PNG")
+    assert decode_rate(tmp_path, ["a"] * 40, processes=1, repeats=1) > 0
+    assert decode_rate(tmp_path, ["a"] * 40, processes=2, repeats=1) > 0
+    (tmp_path / "images" / "b").write_bytes(b"not an image")
+    (tmp_path / "masks" / "b").write_bytes((tmp_path / "masks" / "a").read_bytes())
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_rate(tmp_path, ["a", "b"], processes=1, repeats=1)
+
+
+def test_process_tree_memory_sums_children():
+    # A child whose own child holds 80 MiB of written (resident) memory.
+    grandchild = "import sys, time; x = b'\\x01' * (80 * 2**20); time.sleep(60)"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         f"subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)"],
+        start_new_session=True)
+    try:
+        deadline, rss = time.monotonic() + 30, 0
+        while rss <= 80 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            rss, _ = process_tree_memory(child.pid)
+        assert rss > 80 * 2**20  # the grandchild's buffer is counted
+        assert process_tree_memory(os.getpid())[0] > rss  # this tree holds the child's
+        assert process_tree_memory(2**22 + 12345) == (0, 0)  # no such process
+    finally:
+        os.killpg(child.pid, 9)  # the session started above: the child and its child
+        child.wait()
