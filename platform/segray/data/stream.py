@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -49,9 +48,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from segray import storage
+from segray.data.collate import (  # noqa: F401 - re-exported: the stream's collates
+    EvalCollate,
+    TrainCollate,
+    eval_collate,
+    train_collate,
+)
 from segray.data.decode import BadSampleError, multi_hot, random_scale_crop, validate_sample
 from segray.data.manifest import (
     DatasetInfo,
@@ -61,74 +65,11 @@ from segray.data.manifest import (
     read_shard,
     scan_shards,
 )
+from segray.data.skips import SkipCounter, count_skip
 
 log = logging.getLogger(__name__)
 
 BAD_SAMPLE_MODES = ("error", "skip")
-_MAX_RECORDS = 1000
-_METRICS: dict[str, Any] = {}
-
-
-@ray.remote(num_cpus=0)
-class _SkipLog:
-    def __init__(self) -> None:
-        self.total = 0
-        self.seen: set[tuple[str, str]] = set()
-        self.records: list[dict[str, str]] = []
-
-    def add(self, shard: str, key: str, reason: str) -> None:
-        # Every epoch meets the same bad rows again; the count is of distinct rows.
-        if (shard, key) in self.seen:
-            return
-        self.seen.add((shard, key))
-        self.total += 1
-        if len(self.records) < _MAX_RECORDS:
-            self.records.append({"shard": shard, "key": key, "reason": reason})
-
-    def get(self) -> tuple[int, list[dict[str, str]]]:
-        return self.total, list(self.records)
-
-
-class SkipCounter:
-    """Counts rows dropped by ``on_bad_sample="skip"`` across every Ray worker.
-
-    Backed by a named actor of the current Ray job (created on construction, so Ray must be
-    initialised); the object is passed into the stream and pickles with its actor handle.
-
-    Args:
-        name: actor name; a unique one when None (so concurrent trials never share counts).
-    """
-
-    def __init__(self, name: str | None = None) -> None:
-        self.name = name or f"segray-skips-{uuid.uuid4().hex[:12]}"
-        self._actor = _SkipLog.options(name=self.name, get_if_exists=True).remote()
-
-    def record(self, error: BadSampleError) -> None:
-        """Count one dropped row (called by stream workers)."""
-        ray.get(self._actor.add.remote(error.shard, error.key, error.reason))
-
-    @property
-    def total(self) -> int:
-        """Distinct rows dropped so far (a row met again in a later epoch counts once)."""
-        return ray.get(self._actor.get.remote())[0]
-
-    def records(self) -> list[dict[str, str]]:
-        """The first 1000 dropped rows as ``{"shard", "key", "reason"}`` dicts."""
-        return ray.get(self._actor.get.remote())[1]
-
-
-def _count_skip(error: BadSampleError, counter: SkipCounter | None, dataset: str,
-                split: str) -> None:
-    log.warning("skipping %s", error)
-    if "bad" not in _METRICS:
-        from ray.util.metrics import Counter
-
-        _METRICS["bad"] = Counter("segray_data_bad_samples",
-                                  description="rows dropped by on_bad_sample='skip'",
-                                  tag_keys=("dataset", "split"))
-    _METRICS["bad"].inc(1.0, tags={"dataset": dataset, "split": split})
-    if counter is not None:
-        counter.record(error)
 
 
 def _key_seed(key: str) -> int:
@@ -198,7 +139,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         except BadSampleError as e:
             if on_bad_sample == "error":
                 raise
-            _count_skip(e, counter, dataset, split)
+            count_skip(e, counter, dataset, split)
             continue
         rng = np.random.default_rng([seed, execution, copy, _key_seed(key)])
         image, mask = random_scale_crop(image, mask, crop, scale_range, rng, cat_max_ratio,
@@ -270,7 +211,7 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
             exclude.setdefault(repeat, set()).add(key)
             skipped.append(BadSampleError(repeat, key, reason))
     for error in skipped:
-        _count_skip(error, counter, info.name, split)
+        count_skip(error, counter, info.name, split)
     return drop, {uri: frozenset(keys) for uri, keys in exclude.items()}
 
 
@@ -456,51 +397,6 @@ def eval_rows(iterator: Any, *, rank: int = 0, world: int = 1,
         for i, key in enumerate(batch["key"]):
             if world == 1 or _key_seed(str(key)) % world == rank:
                 yield {"key": str(key), "image": batch["image"][i], "mask": batch["mask"][i]}
-
-
-class TrainCollate(NumpyBatchCollateFn):
-    """Collate for ``iter_torch_batches`` over :func:`train_dataset`.
-
-    Returns a dict: ``image`` uint8 (B, 3, H, W) (channels-last memory, which convolutions on
-    GPU prefer), ``mask`` int64 (B, H, W), ``image_labels`` float32 (B, K). The ``key`` column is
-    dropped. Runs in Ray's prefetch threads: CPU-only, no shared state.
-    """
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        image = torch.from_numpy(np.array(batch["image"], dtype=np.uint8))  # (B, H, W, 3)
-        return {
-            "image": image.permute(0, 3, 1, 2),  # (B, 3, H, W), channels-last strides
-            "mask": torch.from_numpy(np.asarray(batch["mask"]).astype(np.int64)),
-            "image_labels": torch.from_numpy(np.asarray(batch["labels"]).astype(np.float32)),
-        }
-
-
-class EvalCollate(NumpyBatchCollateFn):
-    """Collate for :func:`eval_dataset`: stacked tensors when all images share a size, else lists.
-
-    Returns a dict: ``key`` list[str]; ``image`` uint8 (B, 3, H, W) or a list of (3, H_i, W_i);
-    ``mask`` int64 (B, H, W) or a list of (H_i, W_i). Lists are not moved to the device by Ray;
-    move each tensor yourself.
-    """
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        images, masks = batch["image"], batch["mask"]
-        out: dict[str, Any] = {"key": [str(k) for k in batch["key"]]}
-        if isinstance(images, np.ndarray) and images.dtype != object and images.ndim == 4:
-            out["image"] = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # (B, 3, H, W)
-            out["mask"] = torch.from_numpy(np.asarray(masks).astype(np.int64))
-        else:
-            out["image"] = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]
-            out["mask"] = [torch.from_numpy(np.asarray(m).astype(np.int64)) for m in masks]
-        return out
-
-
-train_collate = TrainCollate()
-eval_collate = EvalCollate()
 
 
 def iter_rows(info: DatasetInfo, split: str,
