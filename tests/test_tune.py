@@ -145,20 +145,21 @@ def _registered(run: Path) -> list[int]:
 
 
 def _interruptible(sweep: Path) -> str | None:
-    """A trial in the middle of its last round while another has finished, if there is one.
+    """A trial in the middle of its last round while another has finished its report, if any.
 
     Logged steps past the first evaluation mean the trial went on after ASHA's only rung, so it
     will not be stopped; its first checkpoint is registered and its last one is not.
     """
-    rows = _rows(sweep)
-    if not any(r["status"] == "finished" for r in rows):
+    runs = sorted((sweep / "trials").glob("trial_*"))
+    if not any((run / "summary.json").exists() for run in runs):  # its report is complete
         return None
-    ended = {r["trial"] for r in rows if r["status"] in ("finished", "stopped")}
-    for run in sorted((sweep / "trials").glob("trial_*")):
+    ended = {r["trial"] for r in _rows(sweep) if r["status"] in ("finished", "stopped")}
+    for run in runs:
         steps = [h["step"] for h in _history(run) if "train/loss" in h]
         ckpts = _registered(run)
         if run.name not in ended and steps and max(steps) >= EVAL_EVERY + 3 \
-                and EVAL_EVERY in ckpts and STEPS not in ckpts:
+                and EVAL_EVERY in ckpts and STEPS not in ckpts \
+                and not (run / "summary.json").exists():
             return run.name
     return None
 

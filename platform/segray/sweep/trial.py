@@ -67,10 +67,12 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     run_uri = spec.run_uri(name)
     evals = [h for h in report.read_history(run_uri) if h.get(METRIC) is not None]
     stopped = storage.exists(storage.join(run_uri, STOPPED_FILE))
-    if stopped or (evals and int(evals[-1]["step"]) >= spec.steps):
+    if stopped or storage.exists(storage.join(run_uri, report.SUMMARY_FILE)):
         # A resumed sweep met a trial that had ended before the driver went down (stopped by the
-        # scheduler, or trained to its last evaluation): it must not train again. Tune still
-        # needs a result from this session, so its last evaluation is reported once more.
+        # scheduler, or trained to its last evaluation and reported): it must not train again.
+        # Tune still needs a result from this session, so its last evaluation is reported once
+        # more. A trial that went down between its last evaluation and its report resumes below
+        # from its latest checkpoint, which finishes the report.
         why = "was stopped early by the scheduler" if stopped else "has finished training"
         print(f"[segray] {name} {why}; not resuming it")
         if not evals:
