@@ -247,6 +247,34 @@ def test_random_scale_crop_fixed_size_and_label_set():
         random_scale_crop(np.zeros((3, 3, 3), np.uint8), None, (2, 2), scale_range=(2.0, 1.0))
 
 
+def test_random_scale_crop_matches_whole_image_resize_then_crop():
+    """Resampling only the window gives the pixels of MMSeg's resize-everything-then-crop."""
+    rng = np.random.default_rng(7)
+    for i in range(40):
+        h, w = (int(v) for v in rng.integers(8, 90, size=2))
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        mask = rng.integers(0, 5, size=(h, w), dtype=np.uint8)
+        crop = (int(rng.integers(4, 48)), int(rng.integers(4, 48)))
+        out_img, out_mask = random_scale_crop(image, mask, crop, (0.4, 2.5),
+                                              rng=np.random.default_rng(i))
+
+        ref = np.random.default_rng(i)  # the same draws, the reference way
+        factor = ref.uniform(0.4, 2.5)
+        size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
+        big = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+        big_mask = resize_nearest(mask, size)
+        y0 = int(ref.integers(0, max(size[0] - crop[0], 0) + 1))
+        x0 = int(ref.integers(0, max(size[1] - crop[1], 0) + 1))
+        want = big[y0:y0 + crop[0], x0:x0 + crop[1]]
+        want_mask = big_mask[y0:y0 + crop[0], x0:x0 + crop[1]]
+        ch, cw = want_mask.shape
+        assert (out_mask[:ch, :cw] == want_mask).all(), (h, w, crop, factor)
+        assert (out_mask[ch:] == 255).all() and (out_mask[:, cw:] == 255).all()
+        diff = np.abs(out_img[:ch, :cw].astype(int) - want.astype(int))
+        assert diff.max() <= 1, (h, w, crop, factor, diff.max())  # float rounding only
+        assert (out_img[ch:] == 0).all() and (out_img[:, cw:] == 0).all()
+
+
 def test_cat_max_ratio_prefers_mixed_crops():
     image = np.zeros((100, 100, 3), np.uint8)
     mask = np.zeros((100, 100), np.uint8)

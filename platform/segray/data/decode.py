@@ -95,12 +95,13 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 (H, W, 3) image to ``size`` = (H, W)."""
-    new_h, new_w = size
-    if image.shape[:2] == (new_h, new_w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+def _nearest_window(mask: np.ndarray, size: tuple[int, int], rows: tuple[int, int],
+                    cols: tuple[int, int]) -> np.ndarray:
+    """``resize_nearest(mask, size)[rows[0]:rows[1], cols[0]:cols[1]]`` without the full resize."""
+    h, w = mask.shape[:2]
+    r = np.minimum(((np.arange(*rows) + 0.5) * h / size[0]).astype(np.int64), h - 1)
+    c = np.minimum(((np.arange(*cols) + 0.5) * w / size[1]).astype(np.int64), w - 1)
+    return mask[r[:, None], c[None, :]]
 
 
 def random_scale_crop(
@@ -165,23 +166,30 @@ def random_scale_crop(
     else:
         factor = ratio
     size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
-    image = resize_bilinear(image, size)
-    mask = resize_nearest(mask, size)
 
+    # Only the window is resampled, never the whole rescaled image: the same pixels (the window's
+    # pixel centres map to the source as in a whole-image resize) at a fraction of the cost.
     margin_h, margin_w = max(size[0] - crop_h, 0), max(size[1] - crop_w, 0)
     for _ in range(10 if cat_max_ratio < 1.0 else 1):
         y0, x0 = int(rng.integers(0, margin_h + 1)), int(rng.integers(0, margin_w + 1))
-        window = mask[y0:y0 + crop_h, x0:x0 + crop_w]
+        y1, x1 = min(y0 + crop_h, size[0]), min(x0 + crop_w, size[1])
+        window = _nearest_window(mask, size, (y0, y1), (x0, x1))
         if cat_max_ratio >= 1.0:
             break
-        _, counts = np.unique(window[window != ignore_index], return_counts=True)
+        counts = np.bincount(window[window != ignore_index].ravel())
+        counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
-    image = image[y0:y0 + crop_h, x0:x0 + crop_w]
+    if size == (h, w):
+        part = image[y0:y1, x0:x1]
+    else:
+        sy, sx = h / size[0], w / size[1]
+        part = np.asarray(Image.fromarray(image).resize(
+            (x1 - x0, y1 - y0), Image.BILINEAR, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
 
     out_image = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
     out_mask = np.full((crop_h, crop_w), ignore_index, dtype=mask.dtype)
-    out_image[: image.shape[0], : image.shape[1]] = image
+    out_image[: part.shape[0], : part.shape[1]] = part
     out_mask[: window.shape[0], : window.shape[1]] = window
     return out_image, out_mask
 
@@ -241,7 +249,7 @@ def validate_sample(
     if mask.shape != (h, w):
         raise BadSampleError(shard, key, f"mask is {mask.shape[0]}x{mask.shape[1]} but image is "
                                          f"{h}x{w}")
-    values = np.unique(mask)
+    values = np.flatnonzero(np.bincount(mask.ravel()))  # the labels present; O(n), no sort
     bad = values[(values >= num_classes) & (values != ignore_index)]
     if bad.size:
         raise BadSampleError(shard, key, f"mask has label values {bad[:10].tolist()} outside "
