@@ -62,6 +62,9 @@ def cmd_data(args) -> dict:
         ("share of decode limit (goal >= 80%)",
          f"{100 * res['share_of_decode_limit']:.0f}%  "
          f"{check(res['share_of_decode_limit'], goals['share_of_decode_limit'])}"),
+        (f"decode + rescale/crop loop images/s, {cfg.workers} processes",
+         f"{res['decode_crop_images_per_s_nproc']:.1f}"),
+        ("share of the decode + rescale/crop loop", f"{100 * res['share_of_decode_crop_loop']:.0f}%"),
     ]
     if "rss" in res:
         small, big = res["rss"]["1x"], res["rss"]["large"]
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--size", type=int, default=256, help="synthetic image side")
     d.add_argument("--crop", type=int, default=128, help="training crop side")
     d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--epochs", type=int, default=3, help="epochs per timed round")
+    d.add_argument("--epochs", type=int, default=20, help="epochs per timed round")
     d.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")
     d.add_argument("--workers", type=int, default=2,
                    help="DataLoader workers and decode-limit processes")

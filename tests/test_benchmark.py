@@ -15,7 +15,8 @@ import pytest
 from conftest import job_env, run_job
 from PIL import Image
 
-from segray.data.benchmark import FolderCrops, decode_rate, process_tree_memory
+from segray.data.benchmark import DecodeLimit, FolderCrops
+from segray.data.memprobe import process_tree_memory
 
 
 def test_train_benchmark_smoke(tmp_path):
@@ -50,6 +51,11 @@ def test_data_benchmark_smoke(tmp_path):
         res["segray_images_per_s"] / res["dataloader_images_per_s"])
     assert res["share_of_decode_limit"] == pytest.approx(
         res["segray_images_per_s"] / res["decode_images_per_s_nproc"])
+    assert res["share_of_decode_crop_loop"] == pytest.approx(
+        res["segray_images_per_s"] / res["decode_crop_images_per_s_nproc"])
+    assert {k: len(v) for k, v in res["rounds"].items()} == {
+        "segray": 1, "dataloader": 1, "decode": 1, "decode_crop": 1}
+    assert "share of the decode + rescale/crop loop" in proc.stdout
     assert res["rss"]["ratio"] == pytest.approx(
         res["rss"]["large"]["peak_rss_mb"] / res["rss"]["1x"]["peak_rss_mb"])
     # A Ray instance, its workers and the driver hold far more than the idle interpreter.
@@ -76,17 +82,22 @@ def test_folder_crops_baseline(tmp_path):
     assert np.array_equal(msk[:20].numpy(), mask[:, x0:x0 + 24])
 
 
-def test_decode_rate(tmp_path):
+def test_decode_limit(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
     Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "images" / "a", format="JPEG")
     Image.new("L", (32, 32)).save(tmp_path / "masks" / "a", format="PNG")
-    assert decode_rate(tmp_path, ["a"] * 40, processes=1, repeats=1) > 0
-    assert decode_rate(tmp_path, ["a"] * 40, processes=2, repeats=1) > 0
+    for processes, crop in ((1, None), (2, None), (2, {"crop": (16, 16), "scale_range": (0.5, 2)})):
+        with DecodeLimit(tmp_path, ["a"] * 40, processes=processes, crop=crop) as limit:
+            start = time.perf_counter()
+            rate = limit.rate(min_seconds=0.2)
+            # A timed run lasts at least min_seconds: the loop repeats a 40-image set as needed.
+            assert rate > 0 and time.perf_counter() - start >= 0.2
     (tmp_path / "images" / "b").write_bytes(b"not an image")
     (tmp_path / "masks" / "b").write_bytes((tmp_path / "masks" / "a").read_bytes())
-    with pytest.raises(ValueError, match="cannot decode"):
-        decode_rate(tmp_path, ["a", "b"], processes=1, repeats=1)
+    with DecodeLimit(tmp_path, ["a", "b"], processes=1) as limit, \
+            pytest.raises(ValueError, match="cannot decode"):
+        limit.rate(min_seconds=0.01)
 
 
 def test_process_tree_memory_sums_children():

@@ -95,6 +95,12 @@ def test_row_groups_are_small(tmp_path):
             w.add("train", f"k{i}", *_row(i, 4, 4), 4, 4)
     meta = pq.ParquetFile(tmp_path / "train-00000.parquet").metadata
     assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [32, 32, 6]
+    # Encoded image/mask bytes are stored as they are (already compressed); the rest is snappy.
+    group = meta.row_group(0)
+    codecs = {group.column(c).path_in_schema: group.column(c).compression
+              for c in range(group.num_columns)}
+    assert codecs["image"] == codecs["mask"] == "UNCOMPRESSED"
+    assert codecs["key"] == "SNAPPY"
 
 
 def test_checksum_mismatch_names_shard(tmp_path):

@@ -16,6 +16,7 @@ from segray.data.decode import (
     decode_image,
     decode_mask,
     multi_hot,
+    open_image,
     random_scale_crop,
     validate_sample,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ShardInfo",
     "convert_folder",
     "decode_image",
+    "open_image",
     "decode_mask",
     "decode_mask_png",
     "default_palette",

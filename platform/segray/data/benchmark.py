@@ -6,12 +6,14 @@ Three comparisons, each a ratio of figures taken in the same run on the same ima
    Data decode + random scale/crop → uint8 batches through ``iter_torch_batches`` with
    ``train_collate``) against a ``torch.utils.data.DataLoader`` whose worker processes do PIL
    decode and the same random scale/crop over the same images, written as files to local disk.
-   Both are timed in steady state (from the first batch on) over the same epochs; rounds
-   alternate between the two to cancel drift, and each side's best round is reported (other
+   Both are timed in steady state (the middle half of the images) over the same epochs; rounds
+   alternate between them (and the decode limit) to cancel drift, and each side's best round is reported (other
    load on the machine only ever slows a round down). Goal: ≥ 1.0×.
 2. **Share of the decode limit.** A tight PIL decode loop (image + mask) over the same bytes, in
-   one process and in as many processes as the DataLoader has workers; the pipeline's images/s
-   over the multi-process figure. Goal: ≥ 80 %.
+   one process and in as many processes as the DataLoader has workers (timed in each round,
+   between the two pipelines); the pipeline's best images/s over the best multi-process figure.
+   Goal: ≥ 80 %. The same loop with the pipeline's random rescale + crop of each row is timed
+   too: its share says what Ray, storage, checks and batching cost beyond the per-row work.
 3. **Streaming memory.** Peak memory of the whole process tree (driver, Raylet, Ray workers)
    while streaming a dataset ``rss_factor`` times larger vs 1×, each size in a fresh
    subprocess. Goal: ≤ 1.2×.
@@ -34,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -46,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from segray import storage
+from segray.data.memprobe import stream_memory
 
 GOALS = {"ratio_vs_dataloader": 1.0, "share_of_decode_limit": 0.8, "rss_ratio": 1.2}
 # moto rejects pyarrow's multipart uploads (any object past 10 MiB); shards stay below that.
@@ -74,7 +76,7 @@ class DataBenchConfig:
     size: int = 256
     crop: int = 128
     batch_size: int = 32
-    epochs: int = 3
+    epochs: int = 20
     rounds: int = 3
     workers: int = 2
     scale_range: tuple[float, float] = (0.5, 2.0)
@@ -117,29 +119,34 @@ def bench_data(cfg: DataBenchConfig, *, data: str | None = None, local: bool = F
         log(f"[bench] {len(rows)} images ({rows[0]['width']}x{rows[0]['height']} first) at "
             f"{uri_1x}; the same as files under {work / 'files'}")
 
-        single = decode_rate(work / "files", keys, processes=1)
-        multi = decode_rate(work / "files", keys, processes=cfg.workers)
-        log(f"[bench] decode-only: {single:.0f} img/s (1 process), {multi:.0f} img/s "
-            f"({cfg.workers} processes)")
-        seg, ref = _throughput(cfg, uri_1x, work / "files", keys, log)
+        with DecodeLimit(work / "files", keys, processes=1) as limit:
+            single = limit.rate()
+        log(f"[bench] decode-only, 1 process: {single:.0f} img/s")
+        rounds = _throughput(cfg, uri_1x, work / "files", keys, log)
         result: dict[str, Any] = {
             "config": asdict(cfg), "storage": where, "dataset": uri_1x, "images": len(rows),
-            "segray_images_per_s": max(seg), "dataloader_images_per_s": max(ref),
-            "decode_images_per_s_1proc": single, "decode_images_per_s_nproc": multi,
-            "segray_rounds": seg, "dataloader_rounds": ref, "goals": GOALS,
+            "segray_images_per_s": max(rounds["segray"]),
+            "dataloader_images_per_s": max(rounds["dataloader"]),
+            "decode_images_per_s_1proc": single,
+            "decode_images_per_s_nproc": max(rounds["decode"]),
+            "decode_crop_images_per_s_nproc": max(rounds["decode_crop"]),
+            "rounds": rounds, "goals": GOALS,
         }
         result["ratio_vs_dataloader"] = (result["segray_images_per_s"]
                                          / result["dataloader_images_per_s"])
-        result["share_of_decode_limit"] = result["segray_images_per_s"] / multi
+        result["share_of_decode_limit"] = (result["segray_images_per_s"]
+                                           / result["decode_images_per_s_nproc"])
+        result["share_of_decode_crop_loop"] = (result["segray_images_per_s"]
+                                               / result["decode_crop_images_per_s_nproc"])
         if rss:
             small_uri = uri_1x if data is None else _write(storage.join(base, "1x"), rows, 1,
                                                              classes)
             large_uri = _write(storage.join(base, f"{cfg.rss_factor}x"), rows, cfg.rss_factor,
                                classes)
-            small = stream_memory(small_uri, cfg)
+            small = stream_memory(small_uri, cfg.crop, cfg.batch_size)
             log(f"[bench] streaming 1x ({small['images']} images): peak {small['peak_rss_mb']:.0f}"
                 f" MB")
-            big = stream_memory(large_uri, cfg)
+            big = stream_memory(large_uri, cfg.crop, cfg.batch_size)
             log(f"[bench] streaming {cfg.rss_factor}x ({big['images']} images): peak "
                 f"{big['peak_rss_mb']:.0f} MB")
             result["rss"] = {"1x": small, "large": big, "factor": cfg.rss_factor,
@@ -251,7 +258,12 @@ def _local_s3_server() -> Iterator[str]:
 
 
 def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
-                log: Callable[[str], None]) -> tuple[list[float], list[float]]:
+                log: Callable[[str], None]) -> dict[str, list[float]]:
+    """Alternating rounds of the segray stream, the DataLoader and the two tight loops.
+
+    Returns:
+        images/s per round: ``segray``, ``dataloader``, ``decode`` and ``decode_crop``.
+    """
     import ray
     import torch
 
@@ -265,6 +277,9 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
         persistent_workers=cfg.workers > 0,
         # spawn: this process runs Ray's threads, which a forked child must not inherit.
         multiprocessing_context="spawn" if cfg.workers > 0 else None)
+    limit = DecodeLimit(folder, keys, processes=cfg.workers)
+    limit_crop = DecodeLimit(folder, keys, processes=cfg.workers,
+                             crop={"crop": crop, "scale_range": cfg.scale_range})
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
              log_to_driver=False)
     try:
@@ -281,29 +296,42 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
                 for image, _mask in loader:
                     yield {"image": image}
 
-        seg, ref = [], []
+        rounds: dict[str, list[float]] = {"segray": [], "dataloader": [], "decode": [],
+                                          "decode_crop": []}
         for i in range(cfg.rounds):
-            seg.append(_rate(segray_epochs()))
-            ref.append(_rate(torch_epochs()))
-            log(f"[bench] round {i + 1}/{cfg.rounds}: segray {seg[-1]:.0f} img/s, "
-                f"DataLoader({cfg.workers}) {ref[-1]:.0f} img/s")
-        return seg, ref
+            rounds["segray"].append(_rate(segray_epochs()))
+            rounds["dataloader"].append(_rate(torch_epochs()))
+            rounds["decode"].append(limit.rate())
+            rounds["decode_crop"].append(limit_crop.rate())
+            log(f"[bench] round {i + 1}/{cfg.rounds}, images/s: " + ", ".join(
+                f"{name} {values[-1]:.0f}" for name, values in rounds.items()))
+        return rounds
     finally:
+        limit.close()
+        limit_crop.close()
         ray.shutdown()
 
 
 def _rate(batches: Iterator[Any]) -> float:
-    """images/s from the first batch on (start-up is not steady-state throughput).
+    """Steady-state images/s: batch arrivals between a quarter and three quarters of the images.
 
-    With a single batch in all, there is no steady state: the rate includes the start-up.
+    A pipeline works ahead of its consumer (Ray Data's in-flight blocks, the DataLoader's
+    prefetched batches): batches ready before the first arrives, or drained after the producers
+    stop, would count images whose work was never timed. In the middle of the run the buffer is
+    full and arrivals come at the production rate. With too few batches for a middle, the whole
+    run from the start is timed.
     """
     start = time.perf_counter()
-    first = len(next(batches)["image"])
-    n, t_first = 0, time.perf_counter()
+    times, counts, n = [], [], 0
     for batch in batches:
         n += len(batch["image"])
-    end = time.perf_counter()
-    return n / (end - t_first) if n else first / (end - start)
+        times.append(time.perf_counter())
+        counts.append(n)
+    i = next(k for k, c in enumerate(counts) if c >= n / 4)
+    j = max(k for k, c in enumerate(counts) if c <= 3 * n / 4) if counts[0] <= 3 * n / 4 else i
+    if j <= i:
+        return n / (times[-1] - start)
+    return (counts[j] - counts[i]) / (times[j] - times[i])
 
 
 class FolderCrops:
@@ -350,171 +378,94 @@ class FolderCrops:
 # ----------------------------------------------------------------------------- decode limit
 
 _SAMPLES: list[tuple[bytes, bytes]] = []
+_CROP: dict[str, Any] = {}  # crop and scale_range when the loop also rescales and crops
 
 
-def _load_samples(folder: str, names: list[str]) -> None:
+def _load_samples(folder: str, names: list[str], crop: dict[str, Any] | None = None) -> None:
     # Each process reads the files itself: no large pickle through the pool's pipes.
     _SAMPLES[:] = [(Path(folder, "images", n).read_bytes(), Path(folder, "masks", n).read_bytes())
                    for n in names]
+    _CROP.clear()
+    _CROP.update(crop or {})
 
 
-def _decode_range(bounds: tuple[int, int]) -> int:
-    from segray.data.decode import decode_image, decode_mask
+def _decode_range(bounds: tuple[int, int], loops: int = 1) -> int:
+    from segray.data.decode import decode_mask, open_image, random_scale_crop
 
-    for image, mask in _SAMPLES[bounds[0]:bounds[1]]:
-        decode_image(image)
-        decode_mask(mask)
-    return bounds[1] - bounds[0]
+    rng = np.random.default_rng(bounds[0])
+    for _ in range(loops):
+        for image_bytes, mask_bytes in _SAMPLES[bounds[0]:bounds[1]]:
+            image = open_image(image_bytes)  # to pixels; no copy into an array
+            mask = decode_mask(mask_bytes)
+            if _CROP:
+                random_scale_crop(image, mask, _CROP["crop"], _CROP["scale_range"], rng)
+    return loops * (bounds[1] - bounds[0])
 
 
-def decode_rate(folder: str | Path, names: list[str], processes: int = 1,
-                repeats: int = 3) -> float:
-    """images/s of a tight decode loop (image + mask) over files written by the benchmark.
+def _decode_job(job: tuple[tuple[int, int], int]) -> int:
+    return _decode_range(*job)
 
-    The bytes are read into memory first (``folder/images/<name>``, ``folder/masks/<name>``);
-    with ``processes > 1`` they are split evenly across a pool whose workers are up and loaded
-    before the clock starts. The best of ``repeats`` is returned.
+
+class DecodeLimit:
+    """A tight decode loop (image + mask) over files written by the benchmark, kept ready.
+
+    The bytes are read into memory first (``folder/images/<name>``, ``folder/masks/<name>``).
+    With ``processes > 1`` they are split evenly across a pool whose workers stay up between
+    measurements, so :meth:`rate` can be taken between the pipelines' rounds and drift on the
+    machine hits all of them alike. With ``crop`` the loop also does the pipeline's random
+    rescale + crop of each decoded row (everything a decode task does to a row but checks and
+    batching). Use it as a context manager.
+
+    Args:
+        folder: the files.
+        names: file names under ``images/`` and ``masks/``.
+        processes: processes sharing the loop.
+        crop: ``{"crop": (h, w), "scale_range": (lo, hi)}``, or None for decoding only.
 
     Raises:
-        ValueError: a file is not a decodable image.
+        ValueError: (from :meth:`rate`) a file is not a decodable image.
     """
-    n = len(names)
-    if processes <= 1:
-        _load_samples(str(folder), names)
-        best = 0.0
-        for _ in range(repeats):
+
+    def __init__(self, folder: str | Path, names: list[str], processes: int = 1,
+                 crop: dict[str, Any] | None = None) -> None:
+        self.n, self.processes = len(names), max(1, processes)
+        cuts = np.linspace(0, self.n, self.processes + 1).astype(int)
+        self._parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+        self._pool = None
+        if self.processes == 1:
+            _load_samples(str(folder), names, crop)
+        else:
+            self._pool = mp.get_context("spawn").Pool(
+                self.processes, initializer=_load_samples, initargs=(str(folder), names, crop))
+            self._pool.map(_decode_range, [(0, 1)] * self.processes)  # up, imports done
+
+    def rate(self, min_seconds: float = 1.0) -> float:
+        """images/s of one timed run of at least about ``min_seconds`` (after a short probe)."""
+        loops, elapsed = 1, 0.0
+        while True:
             start = time.perf_counter()
-            _decode_range((0, n))
-            best = max(best, n / (time.perf_counter() - start))
-        _SAMPLES.clear()
-        return best
-    cuts = np.linspace(0, n, processes + 1).astype(int)
-    parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
-    with mp.get_context("spawn").Pool(processes, initializer=_load_samples,
-                                      initargs=(str(folder), names)) as pool:
-        pool.map(_decode_range, [(0, 1)] * processes)  # workers up and imports done
-        best = 0.0
-        for _ in range(repeats):
-            start = time.perf_counter()
-            done = sum(pool.map(_decode_range, parts, chunksize=1))
-            best = max(best, done / (time.perf_counter() - start))
-        return best
+            done = self._run(loops)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                return done / elapsed
+            loops = max(loops + 1, int(loops * 1.2 * min_seconds / max(elapsed, 1e-3)))
 
+    def _run(self, loops: int) -> int:
+        if self._pool is None:
+            return _decode_range((0, self.n), loops)
+        return sum(self._pool.map(_decode_job, [(p, loops) for p in self._parts], chunksize=1))
 
-# ----------------------------------------------------------------------------- memory
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        else:
+            _SAMPLES.clear()
+            _CROP.clear()
 
+    def __enter__(self) -> DecodeLimit:
+        return self
 
-def stream_memory(uri: str, cfg: DataBenchConfig, interval: float = 0.2) -> dict[str, float]:
-    """Stream ``uri``'s train split once in a fresh subprocess; sample its process tree's memory.
-
-    Returns:
-        ``images`` streamed, ``idle_rss_mb`` (Ray up, stream built, nothing read yet),
-        ``peak_rss_mb`` (sum of RSS over the tree: shared pages count in every process) and
-        ``peak_pss_mb`` (proportional share; 0 where the kernel does not report it).
-    """
-    code = ("import sys; from segray.data.benchmark import stream_once; "
-            "stream_once(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, uri, str(cfg.crop), str(cfg.batch_size)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = {"rss": 0, "pss": 0}
-    idle = {"rss": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss, pss = process_tree_memory(proc.pid)
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
-            done.wait(interval)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    images = 0
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            idle["rss"] = process_tree_memory(proc.pid)[0]
-        elif line.startswith("IMAGES"):
-            images = int(line.split()[1])
-    proc.wait()
-    done.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"streaming {uri} in a subprocess failed (exit {proc.returncode})")
-    mb = 2**20
-    return {"images": images, "idle_rss_mb": idle["rss"] / mb, "peak_rss_mb": peak["rss"] / mb,
-            "peak_pss_mb": peak["pss"] / mb}
-
-
-def stream_once(uri: str, crop: int, batch_size: int) -> int:
-    """Stream a dataset's train split once through the training pipeline (the memory probe).
-
-    Prints ``READY`` once Ray is up and the stream is built, then ``IMAGES <n>`` at the end.
-    """
-    import ray
-
-    from segray.data.manifest import open_dataset
-    from segray.data.stream import train_collate, train_dataset
-
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
-             log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    stream = train_dataset(open_dataset(uri), "train", crop=(crop, crop), batch_size=batch_size)
-    print("READY", flush=True)
-    n = 0
-    for batch in stream.iter_torch_batches(batch_size=batch_size, collate_fn=train_collate,
-                                           device="cpu"):
-        n += len(batch["image"])
-    print(f"IMAGES {n}", flush=True)
-    ray.shutdown()
-    return n
-
-
-def process_tree_memory(pid: int) -> tuple[int, int]:
-    """``(rss, pss)`` in bytes summed over ``pid`` and all its descendants (0, 0 if gone).
-
-    Uses psutil when installed, else ``/proc`` (Linux). PSS is 0 where it cannot be read.
-    """
-    try:
-        import psutil
-    except ImportError:
-        return _proc_tree_memory(pid)
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0, 0
-    rss = pss = 0
-    for p in procs:
-        try:
-            info = p.memory_full_info()
-            rss, pss = rss + info.rss, pss + getattr(info, "pss", 0)
-        except psutil.Error:
-            continue
-    return rss, pss
-
-
-def _proc_tree_memory(pid: int) -> tuple[int, int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
-        children.setdefault(ppid, []).append(int(entry))
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = pss = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            rss += int(Path("/proc", str(p), "statm").read_text().split()[1]) * page
-            for line in Path("/proc", str(p), "smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return rss, pss
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
