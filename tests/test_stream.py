@@ -70,6 +70,9 @@ def test_read_split_reads_manifest_shards(ray_local, synth):
 
 def test_train_batches_fixed_shape(ray_local, synth):
     ds = train_dataset(synth, "train", crop=CROP, seed=0)
+    # One map stage: Ray Data's per-operator CPU reservation only idles decode tasks here.
+    assert ds.context.op_resource_reservation_enabled is False
+    assert eval_dataset(synth, "val").context.op_resource_reservation_enabled is False
     batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=train_collate, device="cpu"))
     assert sum(len(b["image"]) for b in batches) == 20
     k = synth.num_classes
