@@ -15,7 +15,7 @@ import pytest
 from conftest import job_env, run_job
 from PIL import Image
 
-from segray.data.benchmark import DecodeLimit, FolderCrops
+from segray.data.baselines import DecodeLimit, FolderCrops
 from segray.data.memprobe import process_tree_memory
 
 

@@ -6,86 +6,25 @@ source files, image-level labels, split row counts, and at least one malformed t
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from convert_helpers import RNG, check_row, mask_of, read_rows, write_image, write_mask
 from PIL import Image
 
-from segray.data.converters import CONVERTERS, add_common_arguments
 from segray.data.converters.ade20k import convert_ade20k
 from segray.data.converters.cityscapes import convert_cityscapes
 from segray.data.converters.classes import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
     COCO_STUFF_CLASSES,
-    NYUDV2_CLASSES,
     VOC_PALETTE,
 )
 from segray.data.converters.cocostuff10k import COCO_ID_LUT, convert_cocostuff10k
-from segray.data.converters.glas import convert_glas
-from segray.data.converters.kvasir import convert_kvasir
 from segray.data.converters.masks import apply_lut, reduce_zero_label_lut
-from segray.data.converters.nyudv2 import convert_nyudv2
 from segray.data.converters.voc import convert_voc
 from segray.data.manifest import open_dataset, verify_shards
-from segray.data.shards import decode_mask_png
-
-RNG = np.random.default_rng(0)
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-def _image(path: Path, h: int = 6, w: int = 8, fmt: str | None = None) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, format=fmt)
-    return path.read_bytes()
-
-
-def _mask(path: Path, arr: np.ndarray, palette: list[list[int]] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.asarray(arr, dtype=np.uint8)
-    if palette is None:
-        Image.fromarray(arr).save(path)
-        return
-    img = Image.fromarray(arr).convert("P")  # a paletted PNG whose indices are the class ids
-    img.putdata(arr.ravel().tolist())
-    img.putpalette([v for c in palette for v in c] + [224, 224, 192] * (256 - len(palette)))
-    img.save(path)
-    assert Image.open(path).mode == "P"
-
-
-def _rows(dst: Path, split: str) -> dict[str, dict]:
-    info = open_dataset(str(dst))
-    out = {}
-    for uri in info.shard_uris(split):
-        for row in pq.read_table(uri).to_pylist():
-            out[row["key"]] = row
-    assert len(out) == info.num_rows(split)
-    return out
-
-
-def _mask_of(row: dict) -> np.ndarray:
-    return decode_mask_png(row["mask"])
-
-
-def _labels(expected: np.ndarray) -> list[int]:
-    return sorted(int(v) for v in np.unique(expected) if v != 255)
-
-
-def _check_row(row: dict, image_file: Path, expected: np.ndarray | None) -> None:
-    assert row["image"] == image_file.read_bytes()  # never re-encoded
-    if expected is None:
-        assert row["mask"] is None and row["labels"] == []
-        return
-    got = _mask_of(row)
-    assert got.dtype == np.uint8
-    np.testing.assert_array_equal(got, expected)
-    assert row["labels"] == _labels(expected)
-    assert (row["height"], row["width"]) == expected.shape
-
 
 # ----------------------------------------------------------------------------------- label maps
 
@@ -109,17 +48,17 @@ def _voc_tree(tmp_path: Path) -> dict:
            "val": ["2008_000001", "2008_000002"]}
     fine, aug = {}, {}
     for i in ids["train"] + ids["val"] + ["2009_000001", "2009_000002"]:
-        _image(root / "JPEGImages" / f"{i}.jpg", fmt="JPEG")
+        write_image(root / "JPEGImages" / f"{i}.jpg", fmt="JPEG")
     for i in ids["train"] + ids["val"]:
         m = RNG.integers(0, 21, (6, 8)).astype(np.uint8)
         m[0, :] = 255  # object border
-        _mask(root / "SegmentationClass" / f"{i}.png", m, VOC_PALETTE)
+        write_mask(root / "SegmentationClass" / f"{i}.png", m, VOC_PALETTE)
         fine[i] = m
     # SBD covers one VOC train id (its fine mask must win), two SBD-only ids and one val id
     # (which must stay out of train_aug).
     for i in ["2007_000001", "2009_000001", "2009_000002", "2008_000001"]:
         aug[i] = RNG.integers(0, 21, (6, 8)).astype(np.uint8)
-        _mask(root / "SegmentationClassAug" / f"{i}.png", aug[i])
+        write_mask(root / "SegmentationClassAug" / f"{i}.png", aug[i])
     sets = root / "ImageSets" / "Segmentation"
     sets.mkdir(parents=True)
     for split, lst in ids.items():
@@ -134,10 +73,10 @@ def test_voc_without_sbd(tmp_path):
     assert info.palette[:3] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
     assert info.provenance["reduce_zero_label"] is False and info.provenance["sbd"] is None
     for split in ("train", "val"):
-        rows = _rows(tmp_path / "out", split)
+        rows = read_rows(tmp_path / "out", split)
         assert sorted(rows) == sorted(t["ids"][split])
         for i, row in rows.items():
-            _check_row(row, t["root"] / "JPEGImages" / f"{i}.jpg", t["fine"][i])
+            check_row(row, t["root"] / "JPEGImages" / f"{i}.jpg", t["fine"][i])
     assert verify_shards(open_dataset(str(tmp_path / "out"))) == 2
 
 
@@ -145,24 +84,24 @@ def test_voc_train_aug_and_labeled_list(tmp_path):
     t = _voc_tree(tmp_path)
     info = convert_voc(str(t["root"]), str(tmp_path / "aug"))  # SegmentationClassAug found
     assert info.split_names == ["train_aug", "val"] and info.name == "voc2012_aug"
-    rows = _rows(tmp_path / "aug", "train_aug")
+    rows = read_rows(tmp_path / "aug", "train_aug")
     assert sorted(rows) == sorted(t["ids"]["train"] + ["2009_000001", "2009_000002"])
     for i, row in rows.items():
         expected = t["fine"][i] if i in t["fine"] else t["aug"][i]
-        _check_row(row, t["root"] / "JPEGImages" / f"{i}.jpg", expected)
+        check_row(row, t["root"] / "JPEGImages" / f"{i}.jpg", expected)
 
     lst = tmp_path / "labeled.txt"  # both plain ids and UniMatch-style "path path" lines
     lst.write_text("2007_000002\nJPEGImages/2009_000001.jpg SegmentationClassAug/2009_000001.png\n")
     info = convert_voc(str(t["root"]), str(tmp_path / "semi"), labeled_list=str(lst))
     assert info.split_names == ["train_labeled", "unlabeled", "val"]
     assert [info.num_rows(s) for s in info.split_names] == [2, 3, 2]
-    lab = _rows(tmp_path / "semi", "train_labeled")
-    _check_row(lab["2009_000001"], t["root"] / "JPEGImages" / "2009_000001.jpg",
+    lab = read_rows(tmp_path / "semi", "train_labeled")
+    check_row(lab["2009_000001"], t["root"] / "JPEGImages" / "2009_000001.jpg",
                t["aug"]["2009_000001"])
-    unl = _rows(tmp_path / "semi", "unlabeled")
+    unl = read_rows(tmp_path / "semi", "unlabeled")
     assert sorted(unl) == ["2007_000001", "2007_000003", "2009_000002"]
     for i, row in unl.items():
-        _check_row(row, t["root"] / "JPEGImages" / f"{i}.jpg", None)
+        check_row(row, t["root"] / "JPEGImages" / f"{i}.jpg", None)
 
 
 def test_voc_sbd_mat(tmp_path):
@@ -176,9 +115,9 @@ def test_voc_sbd_mat(tmp_path):
     info = convert_voc(str(t["root"]), str(tmp_path / "out"),
                        sbd=str(tmp_path / "benchmark_RELEASE"))
     assert info.provenance["sbd_format"].startswith("mat")
-    rows = _rows(tmp_path / "out", "train_aug")
+    rows = read_rows(tmp_path / "out", "train_aug")
     assert len(rows) == 4  # 3 VOC train + 1 SBD .mat
-    _check_row(rows["2009_000001"], t["root"] / "JPEGImages" / "2009_000001.jpg", seg)
+    check_row(rows["2009_000001"], t["root"] / "JPEGImages" / "2009_000001.jpg", seg)
 
 
 def test_voc_errors(tmp_path):
@@ -195,7 +134,7 @@ def test_voc_errors(tmp_path):
     assert "JPEGImages/2007_000003.jpg: missing" in msg
     assert "'2008_000001' is a val image" in msg
     assert not (tmp_path / "out" / "dataset.json").exists()
-    _image(t["root"] / "JPEGImages" / "2007_000003.jpg", fmt="JPEG")
+    write_image(t["root"] / "JPEGImages" / "2007_000003.jpg", fmt="JPEG")
     lst.write_text("2007_000001\n# comment\n2007_000001\n")
     with pytest.raises(ValueError, match=r"bad.txt line 3: id '2007_000001' is already listed on "
                                          r"line 1"):
@@ -220,38 +159,38 @@ def test_cityscapes(tmp_path):
     for split, names in stems.items():
         for s in names:
             city = s.split("_")[0]
-            _image(root / "leftImg8bit" / split / city / f"{s}_leftImg8bit.png", 2, 17)
-            _mask(root / "gtFine" / split / city / f"{s}_gtFine_labelIds.png", ids)
-            _mask(root / "gtFine" / split / city / f"{s}_gtFine_color.png", ids)
+            write_image(root / "leftImg8bit" / split / city / f"{s}_leftImg8bit.png", 2, 17)
+            write_mask(root / "gtFine" / split / city / f"{s}_gtFine_labelIds.png", ids)
+            write_mask(root / "gtFine" / split / city / f"{s}_gtFine_color.png", ids)
     # A ready-made labelTrainIds file takes precedence over labelIds.
     train_ids = RNG.integers(0, 19, (2, 17)).astype(np.uint8)
     train_ids[0, 0] = 255
-    _mask(root / "gtFine" / "train" / "aachen" / "aachen_000001_000019_gtFine_labelTrainIds.png",
+    write_mask(root / "gtFine" / "train" / "aachen" / "aachen_000001_000019_gtFine_labelTrainIds.png",
           train_ids)
     info = convert_cityscapes(str(tmp_path), str(tmp_path / "out"))
     assert info.classes == CITYSCAPES_CLASSES and info.palette[0] == [128, 64, 128]
     assert info.provenance["label_map"] == "cityscapes labelIds->trainIds"
     assert info.provenance["annotations"] == {"labelTrainIds": 1, "labelIds": 2}
-    rows = _rows(tmp_path / "out", "train")
+    rows = read_rows(tmp_path / "out", "train")
     img = root / "leftImg8bit" / "train" / "aachen"
-    _check_row(rows["aachen_000000_000019"], img / "aachen_000000_000019_leftImg8bit.png", expected)
-    _check_row(rows["aachen_000001_000019"], img / "aachen_000001_000019_leftImg8bit.png",
+    check_row(rows["aachen_000000_000019"], img / "aachen_000000_000019_leftImg8bit.png", expected)
+    check_row(rows["aachen_000001_000019"], img / "aachen_000001_000019_leftImg8bit.png",
                train_ids)
-    assert list(_rows(tmp_path / "out", "val")) == ["frankfurt_000000_000294"]
+    assert list(read_rows(tmp_path / "out", "val")) == ["frankfurt_000000_000294"]
 
 
 def test_cityscapes_errors(tmp_path):
     root = tmp_path / "cs"
-    _image(root / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000001_leftImg8bit.png")
-    _image(root / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000002_leftImg8bit.png")
+    write_image(root / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000001_leftImg8bit.png")
+    write_image(root / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000002_leftImg8bit.png")
     gt = root / "gtFine" / "train" / "ulm"
-    _mask(gt / "ulm_000000_000001_gtFine_labelIds.png", np.full((6, 8), 40))
+    write_mask(gt / "ulm_000000_000001_gtFine_labelIds.png", np.full((6, 8), 40))
     with pytest.raises(FileNotFoundError, match="leftImg8bit/val not found"):
         convert_cityscapes(str(root), str(tmp_path / "out"))
     with pytest.raises(ValueError) as err:
         convert_cityscapes(str(root), str(tmp_path / "out"), splits=("train",))
     assert "ulm_000000_000002_leftImg8bit.png: no annotation (expected " in str(err.value)
-    _mask(gt / "ulm_000000_000002_gtFine_labelIds.png", np.zeros((6, 8)))
+    write_mask(gt / "ulm_000000_000002_gtFine_labelIds.png", np.zeros((6, 8)))
     with pytest.raises(ValueError, match=r"000001_gtFine_labelIds.png: .*\[40\].*labelIds 0..33"):
         convert_cityscapes(str(root), str(tmp_path / "out"), splits=("train",))
     with pytest.raises(ValueError, match="unknown Cityscapes split"):
@@ -266,18 +205,18 @@ def test_ade20k(tmp_path):
            "val": np.array([[150, 150, 0, 1]], np.uint8)}
     for split, folder, stem in [("train", "training", "ADE_train_00000001"),
                                 ("val", "validation", "ADE_val_00000001")]:
-        _image(root / "images" / folder / f"{stem}.jpg", *raw[split].shape, fmt="JPEG")
-        _mask(root / "annotations" / folder / f"{stem}.png", raw[split])
+        write_image(root / "images" / folder / f"{stem}.jpg", *raw[split].shape, fmt="JPEG")
+        write_mask(root / "annotations" / folder / f"{stem}.png", raw[split])
     info = convert_ade20k(str(tmp_path), str(tmp_path / "out"))
     assert info.classes == ADE20K_CLASSES and info.classes[7] == "bed"
     assert info.palette[0] == [120, 120, 120] and info.palette[-1] == [92, 0, 255]
     assert info.provenance["reduce_zero_label"] is True
-    row = _rows(tmp_path / "out", "train")["ADE_train_00000001"]
+    row = read_rows(tmp_path / "out", "train")["ADE_train_00000001"]
     expected = np.array([[255, 0, 1, 149], [74, 255, 148, 2]], np.uint8)
-    _check_row(row, root / "images" / "training" / "ADE_train_00000001.jpg", expected)
+    check_row(row, root / "images" / "training" / "ADE_train_00000001.jpg", expected)
     assert row["labels"] == [0, 1, 2, 74, 148, 149]
-    val = _rows(tmp_path / "out", "val")["ADE_val_00000001"]
-    assert _mask_of(val).tolist() == [[149, 149, 255, 0]]
+    val = read_rows(tmp_path / "out", "val")["ADE_val_00000001"]
+    assert mask_of(val).tolist() == [[149, 149, 255, 0]]
 
 
 def test_ade20k_errors(tmp_path):
@@ -285,10 +224,10 @@ def test_ade20k_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="images/training"):
         convert_ade20k(str(root), str(tmp_path / "out"))
     for folder, stem in [("training", "ADE_train_1"), ("validation", "ADE_val_1")]:
-        _image(root / "images" / folder / f"{stem}.jpg", fmt="JPEG")
-        _mask(root / "annotations" / folder / f"{stem}.png", np.full((6, 8), 151))
-    _image(root / "images" / "training" / "ADE_train_2.jpg", fmt="JPEG")
-    _mask(root / "annotations" / "validation" / "ADE_val_1.png", np.zeros((5, 8)))
+        write_image(root / "images" / folder / f"{stem}.jpg", fmt="JPEG")
+        write_mask(root / "annotations" / folder / f"{stem}.png", np.full((6, 8), 151))
+    write_image(root / "images" / "training" / "ADE_train_2.jpg", fmt="JPEG")
+    write_mask(root / "annotations" / "validation" / "ADE_val_1.png", np.zeros((5, 8)))
     with pytest.raises(ValueError) as err:
         convert_ade20k(str(root), str(tmp_path / "out"))
     assert "ADE_train_2.jpg: image without an annotation" in str(err.value)
@@ -309,14 +248,14 @@ def test_cocostuff10k_png(tmp_path):
     for folder, stem in [("train2014", "COCO_train2014_000000000077"),
                          ("train2014", "COCO_train2014_000000000078"),
                          ("test2014", "COCO_train2014_000000000139")]:
-        _image(root / "images" / folder / f"{stem}.jpg", 2, 4, fmt="JPEG")
-        _mask(root / "annotations" / folder / f"{stem}_labelTrainIds.png", raw)
+        write_image(root / "images" / folder / f"{stem}.jpg", 2, 4, fmt="JPEG")
+        write_mask(root / "annotations" / folder / f"{stem}_labelTrainIds.png", raw)
     info = convert_cocostuff10k(str(tmp_path), str(tmp_path / "out"))
     assert len(info.classes) == 171 and info.palette[0] == [0, 192, 64]
     assert [info.num_rows(s) for s in info.split_names] == [2, 1]
     assert info.provenance["reduce_zero_label"] is True and info.provenance["val"] == "test2014"
-    row = _rows(tmp_path / "out", "val")["COCO_train2014_000000000139"]
-    _check_row(row, root / "images" / "test2014" / "COCO_train2014_000000000139.jpg", expected)
+    row = read_rows(tmp_path / "out", "val")["COCO_train2014_000000000139"]
+    check_row(row, root / "images" / "test2014" / "COCO_train2014_000000000139.jpg", expected)
 
 
 def test_cocostuff10k_mat(tmp_path):
@@ -324,7 +263,7 @@ def test_cocostuff10k_mat(tmp_path):
     root = tmp_path / "cocostuff-10k-v1.1"
     s = np.array([[0, 1, 11, 13], [91, 92, 181, 182]], np.uint16)
     for stem in ("COCO_train2014_000000000077", "COCO_train2014_000000000139"):
-        _image(root / "images" / f"{stem}.jpg", 2, 4, fmt="JPEG")
+        write_image(root / "images" / f"{stem}.jpg", 2, 4, fmt="JPEG")
         (root / "annotations").mkdir(exist_ok=True)
         scipy_io.savemat(root / "annotations" / f"{stem}.mat", {"S": s, "names": ["x"]})
     (root / "imageLists").mkdir()
@@ -332,9 +271,9 @@ def test_cocostuff10k_mat(tmp_path):
     (root / "imageLists" / "test.txt").write_text("COCO_train2014_000000000139\n")
     info = convert_cocostuff10k(str(root), str(tmp_path / "out"))
     assert info.provenance["annotations"] == "mat"
-    row = _rows(tmp_path / "out", "train")["COCO_train2014_000000000077"]
+    row = read_rows(tmp_path / "out", "train")["COCO_train2014_000000000077"]
     expected = np.array([[255, 0, 10, 11], [255, 80, 169, 170]], np.uint8)
-    _check_row(row, root / "images" / "COCO_train2014_000000000077.jpg", expected)
+    check_row(row, root / "images" / "COCO_train2014_000000000077.jpg", expected)
     (root / "imageLists" / "test.txt").write_text("COCO_train2014_000000000999\n")
     with pytest.raises(ValueError, match=r"COCO_train2014_000000000999\.jpg: missing \(listed in"):
         convert_cocostuff10k(str(root), str(tmp_path / "out2"))
@@ -344,149 +283,11 @@ def test_cocostuff10k_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a COCO-Stuff 10k folder"):
         convert_cocostuff10k(str(tmp_path), str(tmp_path / "out"))
     root = tmp_path / "c"
-    _image(root / "images" / "train2014" / "a.jpg", fmt="JPEG")
-    _mask(root / "annotations" / "train2014" / "a_labelTrainIds.png", np.full((6, 8), 172))
+    write_image(root / "images" / "train2014" / "a.jpg", fmt="JPEG")
+    write_mask(root / "annotations" / "train2014" / "a_labelTrainIds.png", np.full((6, 8), 172))
     with pytest.raises(FileNotFoundError, match="images/test2014"):
         convert_cocostuff10k(str(root), str(tmp_path / "out"))
-    _image(root / "images" / "test2014" / "b.jpg", fmt="JPEG")
-    _mask(root / "annotations" / "test2014" / "b_labelTrainIds.png", np.zeros((6, 8)))
+    write_image(root / "images" / "test2014" / "b.jpg", fmt="JPEG")
+    write_mask(root / "annotations" / "test2014" / "b_labelTrainIds.png", np.zeros((6, 8)))
     with pytest.raises(ValueError, match=r"a_labelTrainIds.png: annotation holds values \[172\]"):
         convert_cocostuff10k(str(root), str(tmp_path / "out"))
-
-
-# ----------------------------------------------------------------------------- GLaS and polyps
-
-def _binary_pair(img: Path, mask: Path, fmt: str | None = None) -> np.ndarray:
-    _image(img, 4, 5, fmt=fmt)
-    gray = np.array([[0, 100, 127, 128, 255]] * 4, np.uint8)
-    _mask(mask, gray)
-    return (gray > 127).astype(np.uint8)
-
-
-def test_glas(tmp_path):
-    root = tmp_path / "GlaS"
-    exp = _binary_pair(root / "train" / "img" / "train_1.bmp", root / "train" / "labelcol" /
-                       "train_1.png", fmt="BMP")
-    _binary_pair(root / "train" / "img" / "train_2.bmp", root / "train" / "labelcol" /
-                 "train_2_anno.bmp", fmt="BMP")
-    _binary_pair(root / "test" / "img" / "testA_1.png", root / "test" / "labelcol" / "testA_1.png")
-    info = convert_glas(str(tmp_path), str(tmp_path / "out"))
-    assert info.classes == ["background", "gland"] and info.split_names == ["train", "val"]
-    rows = _rows(tmp_path / "out", "train")
-    assert sorted(rows) == ["train/train_1", "train/train_2"]
-    _check_row(rows["train/train_1"], root / "train" / "img" / "train_1.bmp", exp)
-    assert _mask_of(rows["train/train_2"]).tolist() == exp.tolist()
-    assert list(_rows(tmp_path / "out", "val")) == ["test/testA_1"]
-
-
-def test_glas_errors(tmp_path):
-    root = tmp_path / "GlaS"
-    with pytest.raises(FileNotFoundError, match="train/img"):
-        convert_glas(str(root), str(tmp_path / "out"))
-    _image(root / "train" / "img" / "a.png")
-    _mask(root / "train" / "labelcol" / "a.png", np.eye(6, 8))  # a 0/1 mask
-    with pytest.raises(ValueError, match="test/img: missing or holds no images"):
-        convert_glas(str(root), str(tmp_path / "out"))
-    _image(root / "test" / "img" / "b.png")
-    _mask(root / "test" / "labelcol" / "b.png", np.zeros((6, 8)))
-    with pytest.raises(ValueError) as err:
-        convert_glas(str(root), str(tmp_path / "out"))
-    assert "train/labelcol/a.png: mask values are 0..1" in str(err.value)
-    assert "--threshold 0" in str(err.value)
-    info = convert_glas(str(root), str(tmp_path / "out"), threshold=0)
-    assert _mask_of(_rows(tmp_path / "out", "train")["train/a"]).tolist() == np.eye(6, 8).tolist()
-    assert info.provenance["label_map"] == "binary: luminance > 0 -> 1"
-
-
-def test_kvasir(tmp_path):
-    root = tmp_path / "polyp"
-    exp = _binary_pair(root / "TrainDataset" / "image" / "1.png",
-                       root / "TrainDataset" / "mask" / "1.png")
-    for s in ("CVC-ClinicDB", "CVC-300", "Kvasir"):
-        _binary_pair(root / "TestDataset" / s / "images" / "1.png",
-                     root / "TestDataset" / s / "masks" / "1.png")
-    # An RGB mask is read as luminance, like cv2.imread(path, 0).
-    Image.fromarray(np.stack([np.array([[0, 200]] * 2, np.uint8)] * 3, -1)).save(
-        root / "TestDataset" / "Kvasir" / "masks" / "2.png")
-    _image(root / "TestDataset" / "Kvasir" / "images" / "2.jpg", 2, 2, fmt="JPEG")
-    info = convert_kvasir(str(tmp_path), str(tmp_path / "out"))
-    assert info.split_names == ["train", "val", "test_cvc_300", "test_kvasir"]
-    assert info.provenance["test_sets"]["val"] == "CVC-ClinicDB"
-    _check_row(_rows(tmp_path / "out", "train")["train/1"],
-               root / "TrainDataset" / "image" / "1.png", exp)
-    assert list(_rows(tmp_path / "out", "val")) == ["CVC-ClinicDB/1"]
-    kv = _rows(tmp_path / "out", "test_kvasir")
-    assert _mask_of(kv["Kvasir/2"]).tolist() == [[0, 1], [0, 1]] and kv["Kvasir/2"]["labels"] == [0, 1]
-    with pytest.raises(ValueError, match="test sets found: CVC-300, CVC-ClinicDB, Kvasir"):
-        convert_kvasir(str(root), str(tmp_path / "o2"), val_set="ETIS")
-    (root / "TestDataset" / "CVC-300" / "masks" / "1.png").unlink()
-    with pytest.raises(ValueError, match=r"CVC-300/images/1.png: image without an annotation"):
-        convert_kvasir(str(root), str(tmp_path / "o2"))
-
-
-# ---------------------------------------------------------------------------------------- NYUDv2
-
-def _nyu_tree(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    root = tmp_path / "nyudv2"
-    lab = np.array([[0, 1, 39, 255], [5, 255, 0, 20]], np.uint8)
-    for split in ("train", "val"):
-        _image(root / f"{split}_images" / "0001.png", 2, 4)
-        _mask(root / f"{split}_labels" / "0001.png", lab)
-    return root, lab
-
-
-def test_nyudv2_keeps_void_or_maps_it_to_zero(tmp_path):
-    root, lab = _nyu_tree(tmp_path)  # the same file name in train and val: keys are prefixed
-    info = convert_nyudv2(str(root), str(tmp_path / "out"))
-    assert info.classes == NYUDV2_CLASSES and len(info.classes) == 40
-    assert info.provenance["void_to_zero"] is False and info.ignore_index == 255
-    _check_row(_rows(tmp_path / "out", "train")["train/0001"], root / "train_images" / "0001.png",
-               lab)
-    info = convert_nyudv2(str(root), str(tmp_path / "masksup"), void_to_zero=True)
-    assert info.provenance["void_to_zero"] is True
-    row = _rows(tmp_path / "masksup", "val")["val/0001"]
-    assert _mask_of(row).tolist() == [[0, 1, 39, 0], [5, 0, 0, 20]]
-    assert row["labels"] == [0, 1, 5, 20, 39]
-
-
-def test_nyudv2_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_images"):
-        convert_nyudv2(str(tmp_path), str(tmp_path / "out"))
-    root, _ = _nyu_tree(tmp_path)
-    (root / "val_images" / "0001.png").rename(root / "val_images" / "5001.png")
-    with pytest.raises(ValueError) as err:
-        convert_nyudv2(str(root), str(tmp_path / "out"))
-    msg = str(err.value)
-    assert "val_labels/0001.png: annotation without an image" in msg
-    assert "val_images/5001.png: image without an annotation" in msg
-    (root / "val_labels" / "0001.png").unlink()
-    _mask(root / "val_labels" / "5001.png", np.full((2, 4), 40))
-    (root / "train_images" / "0001.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError) as err:
-        convert_nyudv2(str(root), str(tmp_path / "out"))
-    msg = str(err.value)  # both file problems are reported together
-    assert "train_images/0001.png: unreadable image" in msg
-    assert "val_labels/5001.png: annotation holds values [40]" in msg
-    assert not (tmp_path / "out" / "dataset.json").exists()
-
-
-# ------------------------------------------------------------------------------------ registry
-
-def test_registry_parses_and_converts_from_namespace(tmp_path):
-    assert sorted(CONVERTERS) == ["ade20k", "cityscapes", "cocostuff10k", "glas", "kvasir",
-                                  "nyudv2", "voc"]
-    for conv in CONVERTERS.values():  # each set of flags coexists with the common ones
-        parser = argparse.ArgumentParser()
-        add_common_arguments(parser)
-        conv.add_arguments(parser)
-        assert conv.help
-    parser = argparse.ArgumentParser()
-    add_common_arguments(parser)
-    CONVERTERS["nyudv2"].add_arguments(parser)
-    root, _ = _nyu_tree(tmp_path)
-    args = parser.parse_args(["--void-to-zero", "--name", "nyu40", "--rows-per-shard", "1"])
-    info = CONVERTERS["nyudv2"].convert(str(root), str(tmp_path / "out"), args)
-    assert info.name == "nyu40" and info.provenance["void_to_zero"] is True
-    info = CONVERTERS["nyudv2"].convert(str(root), str(tmp_path / "out2"), {})
-    assert info.name == "nyudv2" and info.provenance["void_to_zero"] is False
-    assert open_dataset(str(tmp_path / "out2")).num_rows("train") == 1

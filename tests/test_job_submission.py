@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from promserver import (
+    PrometheusServer,
+    prometheus_fixture,  # noqa: F401 - the `prometheus` fixture
+)
 from servers import (
     ROOT,
     TERMINAL_JOB_STATES,
-    PrometheusServer,
     RayHead,
     http_get,
     is_loopback,
-    prometheus_fixture,  # noqa: F401 - the `prometheus` fixture
     ray_head_fixture,  # noqa: F401 - the `ray_head` fixture
     wait_until,
 )
