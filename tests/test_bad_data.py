@@ -21,7 +21,7 @@ from conftest import job_env, run_job
 
 from segray import storage
 from segray.data.decode import BadSampleError, validate_sample
-from segray.data.manifest import open_dataset
+from segray.data.manifest import DatasetError, open_dataset
 from segray.data.shards import DatasetWriter, encode_mask_png
 from segray.data.stream import check_split, iter_rows
 from segray.data.synthetic import make_synthetic
@@ -125,7 +125,7 @@ def test_structure_checks(tmp_path, good):
     dst = _write(tmp_path / "nomask", info, train, val)
     _rewrite_shard(dst, "train-00002.parquet", _drop_mask)
     ds = open_dataset(str(dst))
-    with pytest.raises(ValueError, match=r"split 'train': shard .*train-00002\.parquet: shard has "
+    with pytest.raises(DatasetError, match=r"split 'train': shard .*train-00002\.parquet: shard has "
                                          r"no column\(s\) 'mask'"):
         check_split(ds, "train", ["key", "image", "labels", "mask"])
     assert check_split(ds, "train", ["key", "image", "labels"]) == (set(), {})  # unlabelled use
@@ -158,11 +158,11 @@ def test_empty_split_names_the_split(tmp_path, good):
     manifest["splits"]["val"] = [{"path": "val-00000.parquet", "rows": 0, "bytes": len(
         sink.getvalue()), "sha256": storage.sha256(sink.getvalue())}]
     (dst / "dataset.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"split 'val' is empty"):
+    with pytest.raises(DatasetError, match=r"split 'val' is empty"):
         open_dataset(str(dst))
     manifest["splits"]["val"] = []
     (dst / "dataset.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"'splits\.val'"):
+    with pytest.raises(DatasetError, match=r"'splits\.val'"):
         open_dataset(str(dst))
     # The writer refuses to produce one in the first place.
     r = train[0]
@@ -180,7 +180,7 @@ def test_changed_shard_fails_every_reader(tmp_path, good):
     data[len(data) // 2] ^= 0x01  # same size, other bytes
     shard.write_bytes(bytes(data))
     ds = open_dataset(str(dst))
-    with pytest.raises(ValueError, match=r"shard .*train-00001\.parquet of split 'train' does "
+    with pytest.raises(DatasetError, match=r"shard .*train-00001\.parquet of split 'train' does "
                                          r"not match its manifest"):
         list(iter_rows(ds, "train"))
     assert len(list(iter_rows(ds, "val"))) == 4
@@ -233,7 +233,7 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
 
     dst, bad, dup = _mixed(tmp_path / "mixed", good)
     ds = open_dataset(str(dst))
-    with pytest.raises(ValueError, match="train-00003.parquet: shard has no column"):
+    with pytest.raises(DatasetError, match="train-00003.parquet: shard has no column"):
         train_dataset(ds, "train", crop=crop)  # structure problems stop before any Ray work
     counter = SkipCounter()
     stream = train_dataset(ds, "train", crop=crop, on_bad_sample="skip", skip_counter=counter,
@@ -265,15 +265,19 @@ def test_train_job_stops_on_bad_data(tmp_path, good):
     dup = _write(tmp_path / "dup", info, train, val)
     _rewrite_shard(dup, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
     proc = run_job("train.py", *TRAIN, "--data", str(dup), env=env, check=False, timeout=300)
-    assert proc.returncode != 0
-    assert f"bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" in proc.stdout
+    # Found while building the streams, before any worker starts: an input error, not a crash.
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert f"error: bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" \
+        in proc.stdout
+    assert "or set data.on_bad_sample=skip to skip and count such rows" in proc.stdout
 
     empty = _write(tmp_path / "empty", info, train, val)
     manifest = json.loads((empty / "dataset.json").read_text())
     manifest["splits"]["val"][0]["rows"] = 0
     (empty / "dataset.json").write_text(json.dumps(manifest))
     proc = run_job("train.py", *TRAIN, "--data", str(empty), env=env, check=False, timeout=300)
-    assert proc.returncode != 0 and "split 'val' is empty" in proc.stdout
+    assert proc.returncode == 2 and "split 'val' is empty" in proc.stdout
+    assert "Traceback" not in proc.stdout
 
 
 @pytest.mark.cluster

@@ -22,7 +22,7 @@ from segray.data.decode import (
     resize_nearest,
     validate_sample,
 )
-from segray.data.manifest import default_palette, open_dataset, verify_shards
+from segray.data.manifest import DatasetError, default_palette, open_dataset, verify_shards
 from segray.data.shards import DatasetWriter, decode_mask_png, encode_mask_png
 from segray.data.stream import iter_rows
 
@@ -111,7 +111,7 @@ def test_checksum_mismatch_names_shard(tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert verify_shards(info, "val") == 1  # other splits are untouched
-    with pytest.raises(ValueError, match=r"train-00001\.parquet.*sha256"):
+    with pytest.raises(DatasetError, match=r"train-00001\.parquet.*sha256"):
         verify_shards(info)
 
 
@@ -133,7 +133,7 @@ def test_open_dataset_errors(tmp_path):
         with pytest.raises(ValueError, match=pattern):
             open_dataset(str(tmp_path / "ds"))
     manifest.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(DatasetError, match="not valid JSON"):
         open_dataset(str(tmp_path / "ds"))
 
 

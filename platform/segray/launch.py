@@ -37,12 +37,12 @@ def resolve_data(cfg: Config) -> Any:
     Raises:
         UsageError: the dataset or a needed split is missing.
     """
-    from segray.data import ensure_synthetic, open_dataset
+    from segray.data import DatasetError, ensure_synthetic, open_dataset
 
     uri = cfg.data.uri or ensure_synthetic()
     try:
         info = open_dataset(storage.absolute(uri))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DatasetError) as e:
         raise UsageError(str(e)) from e
     needed = [cfg.data.train_split, cfg.data.val_split]
     for split in needed:
@@ -183,9 +183,30 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
         print("[segray] resolved config:\n" + text, flush=True)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
     init_ray(local_cpus(cfg))
-    trainer = build_trainer(cfg, info, run_root, callbacks)
+    trainer = checked_trainer(cfg, info, run_root, callbacks)
     result = trainer.fit()
     return result.return_value or report.read_summary(run_uri)
+
+
+def checked_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None) -> Any:
+    """:func:`build_trainer`, with the dataset's structural problems as usage errors.
+
+    Building the streams checks every shard of the splits a run reads (columns, unique keys)
+    before any worker starts, so a bad dataset fails here, once, instead of in each retry.
+
+    Raises:
+        UsageError: a split, shard or key of the dataset is wrong (the message names it).
+    """
+    from segray.data import BadSampleError, DatasetError
+
+    try:
+        return build_trainer(cfg, info, run_root, callbacks)
+    except FileNotFoundError as e:  # a shard the manifest lists is gone
+        raise UsageError(str(e)) from e
+    except (DatasetError, BadSampleError) as e:
+        hint = ("; or set data.on_bad_sample=skip to skip and count such rows"
+                if cfg.data.on_bad_sample == "error" else "")
+        raise UsageError(f"{e}{hint}") from e
 
 
 def fail_usage(message: str, code: int = 2) -> None:

@@ -24,6 +24,7 @@ from segray.data.folder import convert_folder
 from segray.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
+    DatasetError,
     DatasetInfo,
     ShardInfo,
     default_palette,
@@ -50,6 +51,7 @@ __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
     "BadSampleError",
+    "DatasetError",
     "DatasetInfo",
     "DatasetWriter",
     "ShardInfo",

@@ -28,6 +28,14 @@ from segray import storage
 
 FORMAT = "segray-dataset/1"
 MANIFEST_NAME = "dataset.json"
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is: its manifest, a split or a shard is wrong.
+
+    The message names the manifest, split or shard and says how to fix it. Jobs report it as an
+    input error (exit code 2), not as a crash.
+    """
+
+
 _PREPARE_HINT = "create one with `python jobs/prepare_data.py synthetic <dst>` (or `folder <src> <dst>`)"
 
 
@@ -138,11 +146,11 @@ class DatasetInfo:
             allow_no_splits: accept an empty ``splits`` (a dataset still being written).
 
         Raises:
-            ValueError: naming the offending key and what was expected.
+            DatasetError: naming the offending key and what was expected.
         """
 
-        def bad(key: str, expected: str, got: Any) -> ValueError:
-            return ValueError(f"{source}: key {key!r} must be {expected}, got {got!r:.200}")
+        def bad(key: str, expected: str, got: Any) -> DatasetError:
+            return DatasetError(f"{source}: key {key!r} must be {expected}, got {got!r:.200}")
 
         if not isinstance(obj, dict):
             raise bad("(top level)", "a JSON object", obj)
@@ -192,7 +200,7 @@ class DatasetInfo:
                     raise bad(f"{skey}.sha256", "a 64-character hex SHA-256", digest)
                 parsed.append(ShardInfo(path, s["rows"], digest, s["bytes"]))
             if not sum(sh.rows for sh in parsed):
-                raise ValueError(f"{source}: split {split!r} is empty (its shards hold 0 rows); "
+                raise DatasetError(f"{source}: split {split!r} is empty (its shards hold 0 rows); "
                                  "every split needs at least one image: re-create the dataset "
                                  "or remove the split from the manifest")
             splits[split] = parsed
@@ -220,7 +228,7 @@ def open_dataset(uri: str) -> DatasetInfo:
 
     Raises:
         FileNotFoundError: no ``dataset.json`` at ``uri`` (the message says how to make one).
-        ValueError: the manifest is not valid JSON or a key is malformed (the message names it).
+        DatasetError: the manifest is not valid JSON or a key is malformed (the message names it).
     """
     uri = str(uri).rstrip("/")
     if uri.endswith("/" + MANIFEST_NAME) or uri == MANIFEST_NAME:
@@ -234,7 +242,7 @@ def open_dataset(uri: str) -> DatasetInfo:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source} is not valid JSON ({e}); re-create the dataset") from e
+        raise DatasetError(f"{source} is not valid JSON ({e}); re-create the dataset") from e
     return DatasetInfo.from_dict(obj, uri, source)
 
 
@@ -248,11 +256,11 @@ def check_shard_bytes(data: bytes, uri: str, shard: ShardInfo, split: str) -> No
         split: its split (named in the error).
 
     Raises:
-        ValueError: size or SHA-256 differ; the message names the shard and how to fix it.
+        DatasetError: size or SHA-256 differ; the message names the shard and how to fix it.
     """
     digest = storage.sha256(data)
     if len(data) != shard.bytes or digest != shard.sha256:
-        raise ValueError(
+        raise DatasetError(
             f"shard {uri} of split {split!r} does not match its manifest: {len(data)} bytes "
             f"with sha256 {digest[:12]}…, the manifest says {shard.bytes} bytes with sha256 "
             f"{shard.sha256[:12]}…; the file changed after the dataset was written; re-create "
@@ -265,7 +273,7 @@ def read_shard(info: DatasetInfo, split: str, shard: ShardInfo) -> bytes:
 
     Raises:
         FileNotFoundError: the shard is missing (names it).
-        ValueError: its bytes differ from the manifest's record (names it).
+        DatasetError: its bytes differ from the manifest's record (names it).
     """
     uri = storage.join(info.uri, shard.path)
     data = storage.read_bytes(uri)
@@ -281,7 +289,7 @@ def verify_shards(info: DatasetInfo, split: str | None = None) -> int:
 
     Raises:
         FileNotFoundError: a shard named by the manifest is missing (names it).
-        ValueError: a shard's bytes differ from what the manifest records (names it).
+        DatasetError: a shard's bytes differ from what the manifest records (names it).
     """
     splits = [split] if split is not None else info.split_names
     count = 0
@@ -323,7 +331,7 @@ def scan_shards(info: DatasetInfo, splits: list[str] | None = None,
 
     Raises:
         FileNotFoundError: a listed shard is missing (names it).
-        ValueError: a shard's size differs from the manifest (names it), or it is not Parquet.
+        DatasetError: a shard's size differs from the manifest (names it), or it is not Parquet.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -351,7 +359,7 @@ def _scan_one(info: DatasetInfo, split: str, shard: ShardInfo) -> ShardScan:
         raise
     with f:
         if f.size() != shard.bytes:
-            raise ValueError(f"shard {uri} of split {split!r} has {f.size()} bytes, the manifest "
+            raise DatasetError(f"shard {uri} of split {split!r} has {f.size()} bytes, the manifest "
                              f"says {shard.bytes}; the file changed after the dataset was written; "
                              f"re-create the dataset with `python jobs/prepare_data.py`")
         try:
@@ -360,7 +368,7 @@ def _scan_one(info: DatasetInfo, split: str, shard: ShardInfo) -> ShardScan:
             keys = (tuple(str(k) for k in parquet.read(columns=["key"]).column("key").to_pylist())
                     if "key" in columns else ())
         except (OSError, ValueError, pa.ArrowException) as e:
-            raise ValueError(f"shard {uri} of split {split!r} is not a readable Parquet file "
+            raise DatasetError(f"shard {uri} of split {split!r} is not a readable Parquet file "
                              f"({type(e).__name__}: {e}); re-create the dataset") from e
     scan = ShardScan(uri, split, columns, keys, parquet.metadata.num_rows)
     _SCANS[cache_key] = scan

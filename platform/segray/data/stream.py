@@ -58,6 +58,7 @@ from segray.data.collate import (  # noqa: F401 - re-exported: the stream's coll
 )
 from segray.data.decode import BadSampleError, multi_hot, random_scale_crop, validate_sample
 from segray.data.manifest import (
+    DatasetError,
     DatasetInfo,
     ShardInfo,
     check_shard_bytes,
@@ -195,7 +196,7 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
                   f"{', '.join(scan.columns)}); a segray shard holds key, image, mask, labels, "
                   "height, width: re-create the dataset with `python jobs/prepare_data.py`")
         if not skip:
-            raise ValueError(f"split {split!r}: shard {scan.uri}: {reason}")
+            raise DatasetError(f"split {split!r}: shard {scan.uri}: {reason}")
         drop.add(scan.uri)
         skipped += [BadSampleError(scan.uri, k, reason)
                     for k in scan.keys or [f"<row {i}>" for i in range(scan.rows)]]
@@ -294,7 +295,8 @@ def train_dataset(
     items = [{"uri": uris[i], "copy": copy} for copy in range(passes)
              for i in rng.permutation(len(uris)) if uris[i] not in drop]
     if not items:
-        raise ValueError(f"no shard of split {split!r} of {info.uri} is usable: all were skipped")
+        raise DatasetError(f"no shard of split {split!r} of {info.uri} is usable: all were "
+                           "skipped")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return _one_stage(ds.map_batches(
         _train_shard, batch_format="numpy", batch_size=1, udf_modifying_row_count=True,
