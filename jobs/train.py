@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{val['majority_mIoU']:.2f})  mAcc {val['mAcc']:.2f}  aAcc {val['aAcc']:.2f}")
     cost = summary["cost"]
     if cost.get("images_per_s"):
+        wall = f", wall {cost['wall_time_s']:.0f} s" if cost.get("wall_time_s") else ""
         print(f"throughput: {cost['images_per_s']:.1f} images/s, data wait "
-              f"{100 * (cost['data_wait_share'] or 0):.0f}%, wall {cost['wall_time_s']:.0f} s")
+              f"{100 * (cost['data_wait_share'] or 0):.0f}%{wall}")
     print(f"run folder: {summary['run']}")
     return 0
 

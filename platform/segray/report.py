@@ -10,7 +10,6 @@ import dataclasses
 import io
 import json
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -153,8 +152,7 @@ def finalize(
             "data_wait_share": _mean(tail, "train/data_wait_share"),
             "step_time_s": _mean(tail, "train/step_time_s"),
             "peak_gpu_mem_gb": max((h.get("train/gpu_mem_gb", 0.0) for h in history), default=0.0),
-            "wall_time_s": (history[-1].get("time", time.time()) - history[0].get("time", time.time()))
-            if history else 0.0,
+            "wall_time_s": _wall_time(history),
             "resumes": sum(1 for h in history if h.get("event") == "resumed"),
         },
         "bad_samples_skipped": int(metrics.get("data/bad_samples_skipped", 0)),
@@ -172,6 +170,12 @@ def finalize(
     storage.write_text(storage.join(run_uri, SUMMARY_FILE),
                        json.dumps(json_safe(summary), indent=2))
     return summary
+
+
+def _wall_time(history: list[dict[str, Any]]) -> float:
+    """Seconds between the first and the last timed log entry (0 with fewer than two)."""
+    times = [h["time"] for h in history if isinstance(h.get("time"), int | float)]
+    return max(times) - min(times) if len(times) > 1 else 0.0
 
 
 def _mean(entries: list[dict[str, Any]], key: str) -> float | None:
