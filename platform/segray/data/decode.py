@@ -193,8 +193,8 @@ def random_scale_crop(
             part = np.asarray(pil.crop((x0, y0, x1, y1)))
         else:
             sy, sx = h / size[0], w / size[1]
-            part = np.asarray(pil.resize((x1 - x0, y1 - y0), Image.BILINEAR,
-                                         box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
+            box = (x0 * sx, y0 * sy, min(x1 * sx, w), min(y1 * sy, h))  # no float overshoot
+            part = np.asarray(pil.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box))
 
     out_image = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
     out_mask = np.full((crop_h, crop_w), ignore_index, dtype=mask.dtype)
