@@ -270,6 +270,15 @@ def test_train_job_stops_on_bad_data(tmp_path, good):
     assert f"error: bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" \
         in proc.stdout
     assert "or set data.on_bad_sample=skip to skip and count such rows" in proc.stdout
+    # A sweep checks the dataset once, in its driver: no trial starts and no sweep is recorded.
+    proc = run_job("tune.py", "--method", "supervised", "--data", str(dup), "--samples", "2",
+                   "--steps", "4", "--eval-every", "4", "--metrics-port", "0", "--name", "sw",
+                   "--storage", str(tmp_path / "sweeps"), env=env, check=False, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert f"error: bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" \
+        in proc.stdout
+    assert not (tmp_path / "sweeps" / "sw" / "sweep.yaml").exists()
+    assert not list((tmp_path / "sweeps").rglob("trial_*"))
 
     empty = _write(tmp_path / "empty", info, train, val)
     manifest = json.loads((empty / "dataset.json").read_text())

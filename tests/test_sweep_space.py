@@ -283,6 +283,13 @@ def test_results_folder(tmp_path):
     (root / "trials" / "trial_004_d").mkdir()
     (root / "trials" / "trial_004_d" / STOPPED_FILE).write_text("{}")
     assert results.trial_rows(spec, trials)[3].status == "stopped"
+    # Stopped by the scheduler while its workers ran on to the last evaluation, then went down
+    # before the final report: stopped, not finished.
+    _fake_run(spec, "trial_005_e", [1.0, 2.0, 3.0])
+    (root / "trials" / "trial_005_e" / "summary.json").unlink()
+    (root / "trials" / "trial_005_e" / STOPPED_FILE).write_text("{}")
+    overrun = {"name": "trial_005_e", "status": "TERMINATED", "config": {}, "last": {}}
+    assert results.trial_rows(spec, [overrun])[0].status == "stopped"
 
 
 def test_best_yaml_is_a_valid_preset(tmp_path):

@@ -242,12 +242,14 @@ def test_sweep_early_stopping_interrupt_resume_and_results(tmp_path, small_datas
     for r in rows.values():
         run = sweep / "trials" / r["trial"]
         assert (r["stopped_early"] == "True") == (r["status"] == "stopped")
-        # Finished: evaluated at its last step. Stopped: the scheduler's decision is on record.
+        # Finished: reported at its last step. Stopped: no final report, the scheduler's decision
+        # on record (its workers may have logged a little past the decision before going down).
         evals = [h["step"] for h in _history(run) if "val/mIoU" in h]
-        assert (evals[-1] == STEPS) == (r["status"] == "finished"), r
-        assert r["status"] == "finished" or (run / "stopped_early.json").exists(), r
+        assert (run / "summary.json").exists() == (r["status"] == "finished"), r
         if r["status"] == "finished":
-            assert int(r["steps"]) == STEPS and int(r["eval_rounds"]) == 2
+            assert evals[-1] == STEPS and int(r["steps"]) == STEPS and int(r["eval_rounds"]) == 2
+        else:
+            assert (run / "stopped_early.json").exists() and EVAL_EVERY in evals, r
     good = [float(r["best_mIoU"]) for r in rows.values() if float(r["optim.lr"]) > 1e-6]
     bad = [float(r["best_mIoU"]) for r in rows.values() if float(r["optim.lr"]) < 1e-6]
     assert good and bad and min(good) > max(bad)

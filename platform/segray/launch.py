@@ -105,34 +105,65 @@ def passes_per_execution(info: Any, split: str, cfg: Config) -> int:
     return min(MAX_PASSES, max(1, -(-wanted // rows)))
 
 
-def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None) -> Any:
-    """Build the ``TorchTrainer`` of a run (datasets, scaling, failure and checkpoint policies)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]:
+    """The run's Ray Data streams: ``train``, ``val`` and, for methods that read it, ``unlabeled``.
 
+    Building them checks every shard of those splits (columns, unique keys) without decoding.
+
+    Args:
+        cfg: the run's config.
+        info: its dataset.
+        skips: where rows skipped under ``data.on_bad_sample=skip`` are counted.
+
+    Raises:
+        UsageError: the method needs a split the dataset lacks, or a split, shard or key of the
+            dataset is wrong (the message names it).
+    """
     from methods import get_method
-    from segray.data import SkipCounter, eval_dataset, train_dataset
-    from segray.engine import train_loop_per_worker
+    from segray.data import BadSampleError, DatasetError, eval_dataset, train_dataset
 
-    method_cls = get_method(cfg.method)
     d = cfg.data
-    crop = tuple(d.crop_size)
-    # Rows dropped by on_bad_sample=skip are counted across all decode workers and reported.
-    skips = SkipCounter() if d.on_bad_sample == "skip" else None
-    common = dict(crop=crop, scale_range=tuple(d.scale_range), seed=cfg.seed,
+    common = dict(crop=tuple(d.crop_size), scale_range=tuple(d.scale_range), seed=cfg.seed,
                   on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio, skip_counter=skips,
                   base_scale=tuple(d.base_scale) if d.base_scale else None,
                   scale_choices=tuple(d.scale_choices) if d.scale_choices else None)
-    datasets = {"train": train_dataset(info, d.train_split, **common,
-                                       passes=passes_per_execution(info, d.train_split, cfg)),
-                "val": eval_dataset(info, d.val_split)}
-    if "unlabeled" in method_cls.streams:
-        if not info.has_split(d.unlabeled_split):
-            raise UsageError(f"method '{cfg.method}' needs an unlabelled split '{d.unlabeled_split}'"
-                             f" but dataset {info.uri} has only {', '.join(info.split_names)}")
-        datasets["unlabeled"] = train_dataset(
-            info, d.unlabeled_split, labeled=False, **common,
-            passes=passes_per_execution(info, d.unlabeled_split, cfg))
+    try:
+        datasets = {"train": train_dataset(info, d.train_split, **common,
+                                           passes=passes_per_execution(info, d.train_split, cfg)),
+                    "val": eval_dataset(info, d.val_split)}
+        if "unlabeled" in get_method(cfg.method).streams:
+            if not info.has_split(d.unlabeled_split):
+                raise UsageError(f"method '{cfg.method}' needs an unlabelled split "
+                                 f"'{d.unlabeled_split}' but dataset {info.uri} has only "
+                                 f"{', '.join(info.split_names)}")
+            datasets["unlabeled"] = train_dataset(
+                info, d.unlabeled_split, labeled=False, **common,
+                passes=passes_per_execution(info, d.unlabeled_split, cfg))
+    except FileNotFoundError as e:  # a shard the manifest lists is gone
+        raise UsageError(str(e)) from e
+    except (DatasetError, BadSampleError) as e:
+        hint = ("; or set data.on_bad_sample=skip to skip and count such rows"
+                if d.on_bad_sample == "error" else "")
+        raise UsageError(f"{e}{hint}") from e
+    return datasets
+
+
+def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None) -> Any:
+    """Build the ``TorchTrainer`` of a run (datasets, scaling, failure and checkpoint policies).
+
+    Raises:
+        UsageError: see :func:`stream_datasets`; a bad dataset fails here, once, before any
+            worker starts (not in each of Ray Train's retries).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from segray.data import SkipCounter
+    from segray.engine import train_loop_per_worker
+
+    # Rows dropped by on_bad_sample=skip are counted across all decode workers and reported.
+    skips = SkipCounter() if cfg.data.on_bad_sample == "skip" else None
+    datasets = stream_datasets(cfg, info, skips)
     fs, root = storage.filesystem(run_root)
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker}
@@ -183,30 +214,9 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
         print("[segray] resolved config:\n" + text, flush=True)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
     init_ray(local_cpus(cfg))
-    trainer = checked_trainer(cfg, info, run_root, callbacks)
+    trainer = build_trainer(cfg, info, run_root, callbacks)
     result = trainer.fit()
     return result.return_value or report.read_summary(run_uri)
-
-
-def checked_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None) -> Any:
-    """:func:`build_trainer`, with the dataset's structural problems as usage errors.
-
-    Building the streams checks every shard of the splits a run reads (columns, unique keys)
-    before any worker starts, so a bad dataset fails here, once, instead of in each retry.
-
-    Raises:
-        UsageError: a split, shard or key of the dataset is wrong (the message names it).
-    """
-    from segray.data import BadSampleError, DatasetError
-
-    try:
-        return build_trainer(cfg, info, run_root, callbacks)
-    except FileNotFoundError as e:  # a shard the manifest lists is gone
-        raise UsageError(str(e)) from e
-    except (DatasetError, BadSampleError) as e:
-        hint = ("; or set data.on_bad_sample=skip to skip and count such rows"
-                if cfg.data.on_bad_sample == "error" else "")
-        raise UsageError(f"{e}{hint}") from e
 
 
 def fail_usage(message: str, code: int = 2) -> None:

@@ -81,10 +81,11 @@ def trial_rows(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[TrialRow]:
         steps = max([int(h.get("step", 0)) for h in history] + [int(last.get("step") or 0)])
         status = {"RUNNING": "running", "ERROR": "error", "TERMINATED": "finished"}.get(
             t["status"], "pending")
-        # Finished = its Train run reached its last evaluation; a trial that ended before that
-        # was stopped by the scheduler, as is a running one whose stop is under way.
-        completed = storage.exists(storage.join(run, report.SUMMARY_FILE)) or any(
-            h.get(METRIC) is not None and int(h["step"]) >= spec.steps for h in history)
+        # Finished = its Train run wrote its final report (as on resume, see trial.run_trial). A
+        # trial that ended without one was stopped by the scheduler, as is a running one whose
+        # stop is under way. (A stopped run's workers may log a step or an evaluation more before
+        # they go down with the trial: its history alone does not say it finished.)
+        completed = storage.exists(storage.join(run, report.SUMMARY_FILE))
         stopping = status == "running" and storage.exists(storage.join(run, STOPPED_FILE))
         if (status == "finished" and not completed) or stopping:
             status = "stopped"

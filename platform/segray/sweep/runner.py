@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from segray import launch, report, storage
-from segray.launch import UsageError, resolve_data
+from segray.launch import UsageError, resolve_data, stream_datasets
 from segray.sweep import exporter, results
 from segray.sweep.space import trial_config
 from segray.sweep.spec import (
@@ -277,6 +277,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
     exporter.activate(metrics)
     try:
         init_ray(need, spec.max_concurrent)
+        if base.data.on_bad_sample == "error":
+            stream_datasets(base, info)  # a bad dataset stops the sweep here, not in every trial
         k, note = plan_concurrency(need, spec.max_concurrent, spec.samples)
         restore = resume and can_resume(spec)
         if not restore:
