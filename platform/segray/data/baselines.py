@@ -84,10 +84,6 @@ def _decode_range(bounds: tuple[int, int], loops: int = 1) -> int:
     return loops * (bounds[1] - bounds[0])
 
 
-def _decode_job(job: tuple[tuple[int, int], int]) -> int:
-    return _decode_range(*job)
-
-
 class DecodeLimit:
     """A tight decode loop (image + mask) over files written by the benchmark, kept ready.
 
@@ -135,7 +131,8 @@ class DecodeLimit:
     def _run(self, loops: int) -> int:
         if self._pool is None:
             return _decode_range((0, self.n), loops)
-        return sum(self._pool.map(_decode_job, [(p, loops) for p in self._parts], chunksize=1))
+        return sum(self._pool.starmap(_decode_range, [(p, loops) for p in self._parts],
+                                      chunksize=1))
 
     def close(self) -> None:
         if self._pool is not None:

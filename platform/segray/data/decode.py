@@ -93,11 +93,7 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Label values are copied, never blended, so the output holds only values of the input.
     """
-    h, w = mask.shape[:2]
-    new_h, new_w = size
-    rows = np.minimum(((np.arange(new_h) + 0.5) * h / new_h).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(new_w) + 0.5) * w / new_w).astype(np.int64), w - 1)
-    return mask[rows[:, None], cols[None, :]]
+    return _nearest_window(mask, size, (0, size[0]), (0, size[1]))
 
 
 def _nearest_window(mask: np.ndarray, size: tuple[int, int], rows: tuple[int, int],
@@ -185,16 +181,14 @@ def random_scale_crop(
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
-    if isinstance(image, np.ndarray) and size == (h, w):
-        part = image[y0:y1, x0:x1]
+    if size == (h, w):  # no rescale: a plain crop
+        part = (image[y0:y1, x0:x1] if isinstance(image, np.ndarray)
+                else np.asarray(image.crop((x0, y0, x1, y1))))
     else:
         pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-        if size == (h, w):
-            part = np.asarray(pil.crop((x0, y0, x1, y1)))
-        else:
-            sy, sx = h / size[0], w / size[1]
-            box = (x0 * sx, y0 * sy, min(x1 * sx, w), min(y1 * sy, h))  # no float overshoot
-            part = np.asarray(pil.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box))
+        sy, sx = h / size[0], w / size[1]
+        box = (x0 * sx, y0 * sy, min(x1 * sx, w), min(y1 * sy, h))  # no float overshoot
+        part = np.asarray(pil.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box))
 
     out_image = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
     out_mask = np.full((crop_h, crop_w), ignore_index, dtype=mask.dtype)
