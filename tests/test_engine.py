@@ -54,6 +54,19 @@ def test_supervised_step_learns_one_batch():
     assert state["step"] == 25 and "model" in state and "optimizer" in state
 
 
+def test_prepare_widens_narrow_masks_on_the_device():
+    # The stream delivers uint8 masks (see TrainCollate); losses index with int64.
+    cfg = _config("supervised", "augment.hflip=1.0")
+    method = build_method(cfg, _Info)
+    runner = StepRunner(method, method.build(), cfg, resolve_runtime(torch.device("cpu")), 255)
+    raw = _batch(3)
+    raw["mask"][:, :, :5] = 255
+    narrow = dict(raw, mask=raw["mask"].to(torch.uint8))
+    batch = runner.prepare(narrow)
+    assert batch["mask"].dtype == torch.int64
+    assert torch.equal(batch["mask"], raw["mask"].flip(-1))  # flipped with its image, same ids
+
+
 def test_teacher_student_method_uses_unlabeled_stream_and_ema_hook():
     torch.manual_seed(0)
     cfg = _config("ema_method:EMATeacher", "knobs.threshold=0.0")

@@ -79,7 +79,7 @@ def test_train_batches_fixed_shape(ray_local, synth):
     for b in batches:
         n = len(b["image"])
         assert tuple(b["image"].shape) == (n, 3, *CROP) and str(b["image"].dtype) == "torch.uint8"
-        assert tuple(b["mask"].shape) == (n, *CROP) and str(b["mask"].dtype) == "torch.int64"
+        assert tuple(b["mask"].shape) == (n, *CROP) and str(b["mask"].dtype) == "torch.uint8"
         assert tuple(b["image_labels"].shape) == (n, k)
         assert str(b["image_labels"].dtype) == "torch.float32"
         for mask, labels in zip(b["mask"], b["image_labels"], strict=True):

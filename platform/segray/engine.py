@@ -118,7 +118,7 @@ class StepRunner:
         if "image" in raw:
             image, mask = self.augment(raw["image"], raw["mask"])
             batch["image"] = image.contiguous(memory_format=fmt)
-            batch["mask"] = mask
+            batch["mask"] = mask.long()  # narrow on the way here (see TrainCollate)
         if "image_labels" in raw:
             batch["image_labels"] = raw["image_labels"]
         if "unlabeled_image" in raw:

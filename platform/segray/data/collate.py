@@ -15,19 +15,29 @@ class TrainCollate(NumpyBatchCollateFn):
     """Collate for ``iter_torch_batches`` over :func:`train_dataset`.
 
     Returns a dict: ``image`` uint8 (B, 3, H, W) (channels-last memory, which convolutions on
-    GPU prefer), ``mask`` int64 (B, H, W), ``image_labels`` float32 (B, K). The ``key`` column is
-    dropped. Runs in Ray's prefetch threads: CPU-only, no shared state.
+    GPU prefer), ``mask`` (B, H, W) as stored (uint8; int32 for datasets past 256 labels, which
+    torch cannot index with uint16), ``image_labels`` float32 (B, K). The ``key`` column is
+    dropped. Masks stay narrow on the host and on the way to the device (an eighth of int64's
+    bytes); the training step widens them there (:meth:`segray.engine.StepRunner.prepare`).
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        image = torch.from_numpy(np.array(batch["image"], dtype=np.uint8))  # (B, H, W, 3)
+        mask = np.asarray(batch["mask"])
         return {
-            "image": image.permute(0, 3, 1, 2),  # (B, 3, H, W), channels-last strides
-            "mask": torch.from_numpy(np.asarray(batch["mask"]).astype(np.int64)),
+            "image": _tensor(batch["image"]).permute(0, 3, 1, 2),  # channels-last strides
+            "mask": _tensor(mask if mask.dtype == np.uint8 else mask.astype(np.int32)),
             "image_labels": torch.from_numpy(np.asarray(batch["labels"]).astype(np.float32)),
         }
+
+
+def _tensor(array: np.ndarray) -> Any:
+    """A tensor over ``array``, copied only when it is read-only (a block in Ray's object store)."""
+    import torch
+
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 class EvalCollate(NumpyBatchCollateFn):
