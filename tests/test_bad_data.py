@@ -22,8 +22,9 @@ from conftest import job_env, run_job
 from segray import storage
 from segray.data.decode import BadSampleError, validate_sample
 from segray.data.manifest import DatasetError, open_dataset
+from segray.data.preflight import check_split
 from segray.data.shards import DatasetWriter, encode_mask_png
-from segray.data.stream import check_split, iter_rows
+from segray.data.stream import iter_rows
 from segray.data.synthetic import make_synthetic
 
 NUM_CLASSES = 6  # the synthetic set's classes

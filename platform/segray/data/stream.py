@@ -14,9 +14,9 @@ counts executions of a dataset, so every epoch (every pass over the stream, also
 
 Integrity: only the shards the manifest lists are read, each whole and checked against its
 recorded size and SHA-256 (a mismatch is an error naming the shard, in any mode). Before a stream
-is built, :func:`check_split` reads the shards' footers and keys: a missing column, or a key
-repeated within the split or shared with another split, is reported there before any Ray work
-(with ``"skip"``, those rows are skipped and counted instead).
+is built, :func:`~segray.data.preflight.check_split` reads the shards' footers and keys: a
+missing column, or a key repeated within the split or shared with another split, is reported
+there before any Ray work (with ``"skip"``, those rows are skipped and counted instead).
 
 Bad rows: with ``on_bad_sample="error"`` the first bad row stops the stream with a
 :class:`~segray.data.decode.BadSampleError` naming its shard and key. With ``"skip"`` it is
@@ -62,10 +62,9 @@ from segray.data.manifest import (
     DatasetInfo,
     ShardInfo,
     check_shard_bytes,
-    duplicate_keys,
     read_shard,
-    scan_shards,
 )
+from segray.data.preflight import check_split
 from segray.data.skips import SkipCounter, count_skip
 
 log = logging.getLogger(__name__)
@@ -159,63 +158,6 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
     }
 
 
-def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: bool = False,
-                counter: SkipCounter | None = None) -> tuple[set[str], dict[str, frozenset[str]]]:
-    """Check the shards of ``split`` before streaming them: columns present, keys unique.
-
-    Reads only shard footers and ``key`` columns (see :func:`~segray.data.manifest.scan_shards`).
-    A key of ``split`` may not occur twice, nor in another split: one image in two splits leaks
-    between them. In skip mode the first occurrence (in manifest order) is kept.
-
-    Args:
-        info: the dataset.
-        split: the split about to be streamed.
-        columns: the columns the stream reads.
-        skip: instead of raising, plan to skip (and count) the affected rows of ``split``: every
-            row of a shard lacking a column, and each repeat of a key after its first occurrence
-            (a first occurrence in ``split`` repeated elsewhere is the other split's to skip).
-        counter: where skipped rows are counted.
-
-    Returns:
-        ``(shards_to_drop, keys_to_skip)``: shard URIs to leave out entirely, and per shard URI
-        the keys to leave out.
-
-    Raises:
-        ValueError: a shard lacks a column, or a key repeats (names shard, key and fix); also a
-            missing or resized shard, whatever ``skip`` says.
-    """
-    scans = scan_shards(info)
-    drop: set[str] = set()
-    exclude: dict[str, set[str]] = {}
-    skipped: list[BadSampleError] = []
-    for scan in scans:
-        missing = [c for c in columns if c not in scan.columns]
-        if scan.split != split or not missing:
-            continue
-        reason = (f"shard has no column(s) {', '.join(map(repr, missing))} (it has: "
-                  f"{', '.join(scan.columns)}); a segray shard holds key, image, mask, labels, "
-                  "height, width: re-create the dataset with `python jobs/prepare_data.py`")
-        if not skip:
-            raise DatasetError(f"split {split!r}: shard {scan.uri}: {reason}")
-        drop.add(scan.uri)
-        skipped += [BadSampleError(scan.uri, k, reason)
-                    for k in scan.keys or [f"<row {i}>" for i in range(scan.rows)]]
-    ours = {scan.uri for scan in scans if scan.split == split}
-    for key, first, repeat in duplicate_keys(scans):
-        if first not in ours and repeat not in ours:
-            continue  # another split's problem, reported when that split is streamed
-        reason = (f"duplicate key: {key!r} also occurs in {first}; keys must be unique across "
-                  "the dataset (fix the source or its converter and re-create the dataset)")
-        if not skip:
-            raise BadSampleError(repeat, key, reason)
-        if repeat in ours and repeat not in drop:
-            exclude.setdefault(repeat, set()).add(key)
-            skipped.append(BadSampleError(repeat, key, reason))
-    for error in skipped:
-        count_skip(error, counter, info.name, split)
-    return drop, {uri: frozenset(keys) for uri, keys in exclude.items()}
-
-
 def train_dataset(
     info: DatasetInfo,
     split: str,
@@ -259,7 +201,8 @@ def train_dataset(
 
     Raises:
         ValueError: bad ``on_bad_sample`` or ``crop``; with ``on_bad_sample="error"`` also a shard
-            without a needed column or a repeated key (see :func:`check_split`). Bad rows raise
+            without a needed column or a repeated key (see
+            :func:`~segray.data.preflight.check_split`). Bad rows raise
             :class:`~segray.data.decode.BadSampleError` while streaming; a shard whose bytes
             differ from the manifest raises ``ValueError`` in either mode.
         KeyError: unknown split.
