@@ -65,6 +65,11 @@ def cmd_data(args) -> dict:
         (f"decode + rescale/crop loop images/s, {cfg.workers} processes",
          f"{res['decode_crop_images_per_s_nproc']:.1f}"),
         ("share of the decode + rescale/crop loop", f"{100 * res['share_of_decode_crop_loop']:.0f}%"),
+        ("Ray Data ceiling (that work only) images/s",
+         f"{res['ray_data_ceiling_images_per_s']:.1f} "
+         f"({100 * res['ray_data_ceiling_images_per_s'] / res['decode_images_per_s_nproc']:.0f}%"
+         " of the decode limit)"),
+        ("share of the Ray Data ceiling", f"{100 * res['share_of_ray_data_ceiling']:.0f}%"),
     ]
     if "rss" in res:
         small, big = res["rss"]["1x"], res["rss"]["large"]

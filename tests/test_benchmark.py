@@ -15,7 +15,7 @@ import pytest
 from conftest import job_env, run_job
 from PIL import Image
 
-from segray.data.baselines import DecodeLimit, FolderCrops
+from segray.data.baselines import DecodeLimit, FolderCrops, ray_data_ceiling
 from segray.data.memprobe import process_tree_memory
 
 
@@ -53,9 +53,12 @@ def test_data_benchmark_smoke(tmp_path):
         res["segray_images_per_s"] / res["decode_images_per_s_nproc"])
     assert res["share_of_decode_crop_loop"] == pytest.approx(
         res["segray_images_per_s"] / res["decode_crop_images_per_s_nproc"])
+    assert res["share_of_ray_data_ceiling"] == pytest.approx(
+        res["segray_images_per_s"] / res["ray_data_ceiling_images_per_s"])
     assert {k: len(v) for k, v in res["rounds"].items()} == {
-        "segray": 1, "dataloader": 1, "decode": 1, "decode_crop": 1}
+        "segray": 1, "dataloader": 1, "decode": 1, "decode_crop": 1, "ray_data_ceiling": 1}
     assert "share of the decode + rescale/crop loop" in proc.stdout
+    assert "share of the Ray Data ceiling" in proc.stdout
     assert res["rss"]["ratio"] == pytest.approx(
         res["rss"]["large"]["peak_rss_mb"] / res["rss"]["1x"]["peak_rss_mb"])
     # A Ray instance, its workers and the driver hold far more than the idle interpreter.
@@ -98,6 +101,33 @@ def test_decode_limit(tmp_path):
     with DecodeLimit(tmp_path, ["a", "b"], processes=1) as limit, \
             pytest.raises(ValueError, match="cannot decode"):
         limit.rate(min_seconds=0.01)
+
+
+@pytest.mark.cluster
+def test_ray_data_ceiling_streams_every_row_once_per_epoch(tmp_path, monkeypatch):
+    import ray
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((24, 24), np.uint8)
+    mask[:, 12:] = 4
+    for name in "abcde":
+        Image.new("RGB", (24, 24), (200, 20, 30)).save(tmp_path / "images" / name, format="JPEG")
+        Image.fromarray(mask).save(tmp_path / "masks" / name, format="PNG")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray_data_ceiling(tmp_path, list("abcde"), crop=(16, 16), scale_range=(0.5, 2.0),
+                              batch_size=2, epochs=3, rows_per_task=3)
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    finally:
+        ray.shutdown()
+    # 3 epochs x 5 rows, in blocks of at most batch_size within a task's 3 rows: 2 + 1, 2.
+    assert sorted(len(b["image"]) for b in batches) == [1] * 3 + [2] * 6
+    for b in batches:
+        assert b["image"].shape[1:] == (16, 16, 3) and b["image"].dtype == np.uint8
+        assert set(np.unique(b["mask"]).tolist()) <= {0, 4, 255}
+        assert b["labels"].shape == (len(b["image"]), 1)
 
 
 def test_process_tree_memory_sums_children():

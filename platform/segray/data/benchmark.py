@@ -13,7 +13,9 @@ Three comparisons, each a ratio of figures taken in the same run on the same ima
    one process and in as many processes as the DataLoader has workers (timed in each round,
    between the two pipelines); the pipeline's best images/s over the best multi-process figure.
    Goal: ≥ 80 %. The same loop with the pipeline's random rescale + crop of each row is timed
-   too: its share says what Ray, storage, checks and batching cost beyond the per-row work.
+   too, and a Ray Data stream doing only that per-row work on bytes in the object store (the
+   most any Ray Data pipeline reaches here): the first shows what the per-row work costs, the
+   second what Ray costs, the rest is segray's (storage, Parquet, checks, seeding).
 3. **Streaming memory.** Peak memory of the whole process tree (driver, Raylet, Ray workers)
    while streaming a dataset ``rss_factor`` times larger vs 1×, each size in a fresh
    subprocess. Goal: ≤ 1.2×.
@@ -47,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from segray import storage
-from segray.data.baselines import DecodeLimit, FolderCrops
+from segray.data.baselines import DecodeLimit, FolderCrops, ray_data_ceiling
 from segray.data.memprobe import stream_memory
 
 GOALS = {"ratio_vs_dataloader": 1.0, "share_of_decode_limit": 0.8, "rss_ratio": 1.2}
@@ -131,6 +133,7 @@ def bench_data(cfg: DataBenchConfig, *, data: str | None = None, local: bool = F
             "decode_images_per_s_1proc": single,
             "decode_images_per_s_nproc": max(rounds["decode"]),
             "decode_crop_images_per_s_nproc": max(rounds["decode_crop"]),
+            "ray_data_ceiling_images_per_s": max(rounds["ray_data_ceiling"]),
             "rounds": rounds, "goals": GOALS,
         }
         result["ratio_vs_dataloader"] = (result["segray_images_per_s"]
@@ -139,6 +142,8 @@ def bench_data(cfg: DataBenchConfig, *, data: str | None = None, local: bool = F
                                            / result["decode_images_per_s_nproc"])
         result["share_of_decode_crop_loop"] = (result["segray_images_per_s"]
                                                / result["decode_crop_images_per_s_nproc"])
+        result["share_of_ray_data_ceiling"] = (result["segray_images_per_s"]
+                                               / result["ray_data_ceiling_images_per_s"])
         if rss:
             small_uri = uri_1x if data is None else _write(storage.join(base, "1x"), rows, 1,
                                                              classes)
@@ -263,7 +268,8 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
     """Alternating rounds of the segray stream, the DataLoader and the two tight loops.
 
     Returns:
-        images/s per round: ``segray``, ``dataloader``, ``decode`` and ``decode_crop``.
+        images/s per round: ``segray``, ``dataloader``, ``decode``, ``decode_crop`` and
+        ``ray_data_ceiling``.
     """
     import ray
     import torch
@@ -288,9 +294,12 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
         stream = train_dataset(open_dataset(uri), "train", crop=crop, scale_range=cfg.scale_range,
                                seed=cfg.seed, batch_size=cfg.batch_size, passes=cfg.epochs)
 
-        def segray_epochs() -> Iterator[Any]:
-            yield from stream.iter_torch_batches(batch_size=cfg.batch_size, device="cpu",
-                                                 collate_fn=train_collate, prefetch_batches=2)
+        ceiling = ray_data_ceiling(folder, keys, crop=crop, scale_range=cfg.scale_range,
+                                   batch_size=cfg.batch_size, epochs=cfg.epochs)
+
+        def epochs_of(ds: Any) -> Iterator[Any]:
+            yield from ds.iter_torch_batches(batch_size=cfg.batch_size, device="cpu",
+                                             collate_fn=train_collate, prefetch_batches=2)
 
         def torch_epochs() -> Iterator[Any]:
             for _ in range(cfg.epochs):
@@ -298,12 +307,13 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
                     yield {"image": image}
 
         rounds: dict[str, list[float]] = {"segray": [], "dataloader": [], "decode": [],
-                                          "decode_crop": []}
+                                          "decode_crop": [], "ray_data_ceiling": []}
         for i in range(cfg.rounds):
-            rounds["segray"].append(_rate(segray_epochs()))
+            rounds["segray"].append(_rate(epochs_of(stream)))
             rounds["dataloader"].append(_rate(torch_epochs()))
             rounds["decode"].append(limit.rate())
             rounds["decode_crop"].append(limit_crop.rate())
+            rounds["ray_data_ceiling"].append(_rate(epochs_of(ceiling)))
             log(f"[bench] round {i + 1}/{cfg.rounds}, images/s: " + ", ".join(
                 f"{name} {values[-1]:.0f}" for name, values in rounds.items()))
         return rounds
