@@ -26,6 +26,7 @@ from segray.data.preflight import check_split
 from segray.data.shards import DatasetWriter, encode_mask_png
 from segray.data.stream import iter_rows
 from segray.data.synthetic import make_synthetic
+from segray.worker import bad_sample_in, run_worker
 
 NUM_CLASSES = 6  # the synthetic set's classes
 TRAIN = ["--method", "supervised", "--steps", "4", "--eval-every", "4", "--batch-size", "4",
@@ -231,6 +232,9 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
         with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
             train_dataset(ds, "train", crop=crop).take_all()
         assert rows[i]["key"] in str(e.value) and "train-00001.parquet" in str(e.value), case
+        found = bad_sample_in(e.value)  # what a training worker records to stop the run
+        assert found is not None and found.key == rows[i]["key"], case
+        assert found.shard == str(Path(ds.uri) / "train-00001.parquet"), case
 
     dst, bad, dup = _mixed(tmp_path / "mixed", good)
     ds = open_dataset(str(dst))
@@ -249,6 +253,15 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
     assert len(eval_dataset(ds, "val").take_all()) == 4
 
 
+def test_worker_fails_fast_on_a_recorded_bad_row(tmp_path):
+    # A retry after a bad row raises before it builds anything (no Ray Train context needed).
+    from segray.report import write_data_error
+
+    write_data_error(str(tmp_path), "s3://b/d/train-00001.parquet", "k7", "image: cannot decode")
+    with pytest.raises(BadSampleError, match=r"bad sample 'k7' in shard s3://b/d/train-00001"):
+        run_worker({"run_uri": str(tmp_path)})
+
+
 # ------------------------------------------------------------------ through jobs/train.py
 
 @pytest.mark.cluster
@@ -257,11 +270,20 @@ def test_train_job_stops_on_bad_data(tmp_path, good):
     env = job_env(tmp_path)
     rows, i = _row_variants(train)["corrupt_image"]
     dst = _write(tmp_path / "corrupt", info, rows, val)
-    proc = run_job("train.py", *TRAIN, "--data", str(dst), "--set", "train.max_failures=0",
-                   env=env, check=False, timeout=300)
-    assert proc.returncode != 0
-    assert f"bad sample '{rows[i]['key']}' in shard {dst / 'train-00001.parquet'}" in proc.stdout
-    assert "cannot decode" in proc.stdout
+    runs, shard = tmp_path / "runs", dst / "train-00001.parquet"
+    args = [*TRAIN, "--data", str(dst), "--name", "r", "--storage", str(runs)]
+    # Met while streaming: recorded, so Ray Train's retry fails at once; an input error, exit 2.
+    proc = run_job("train.py", *args, "--set", "train.max_failures=1", env=env, check=False,
+                   timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: bad sample '{rows[i]['key']}' in shard {shard}: image: cannot decode"
+            in proc.stdout)
+    assert "--set data.on_bad_sample=skip" in proc.stdout
+    record = json.loads((runs / "r" / "data_error.json").read_text())
+    assert (record["key"], record["shard"]) == (rows[i]["key"], str(shard))
+    # The same run, told to skip: the record is cleared and the run completes.
+    proc = run_job("train.py", *args, "--set", "data.on_bad_sample=skip", env=env, timeout=300)
+    assert "validation mIoU" in proc.stdout and not (runs / "r" / "data_error.json").exists()
 
     dup = _write(tmp_path / "dup", info, train, val)
     _rewrite_shard(dup, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))

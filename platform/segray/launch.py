@@ -196,7 +196,8 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     checkpoint instead of starting over.
 
     Raises:
-        UsageError: for bad data, method or storage arguments.
+        UsageError: for bad data (also a bad row met while streaming: the run stops, see
+            :mod:`segray.worker`), method or storage arguments.
         ray.train.TrainingFailedError: when workers fail more than ``train.max_failures`` times.
     """
     info = resolve_data(cfg)
@@ -213,9 +214,21 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
               f"{info.num_rows(cfg.data.train_split)} train / {info.num_rows(cfg.data.val_split)} val")
         print("[segray] resolved config:\n" + text, flush=True)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
+    report.clear_data_error(run_uri)  # this attempt may read fixed data, or skip bad rows
     init_ray(local_cpus(cfg))
     trainer = build_trainer(cfg, info, run_root, callbacks)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        found = report.read_data_error(run_uri)
+        if found is None:
+            raise
+        from segray.data import BadSampleError
+
+        raise UsageError(f"{BadSampleError(**found)}; the run stopped there and keeps its "
+                         "checkpoints: fix the row (re-create the dataset) and re-run the same "
+                         "command to resume, or add --set data.on_bad_sample=skip to skip and "
+                         "count such rows") from None
     return result.return_value or report.read_summary(run_uri)
 
 

@@ -1,4 +1,5 @@
-"""The run report: ``metrics.jsonl``, curves and prediction-grid PNGs, and ``summary.json``.
+"""The run report: ``metrics.jsonl``, curves and prediction-grid PNGs, and ``summary.json``; and
+``data_error.json``, the bad row that stopped a run.
 
 Every file is written atomically into the run folder (local or ``s3://``), so a reader never sees a
 half-written report.
@@ -22,12 +23,32 @@ CURVES_FILE = "curves.png"
 PREDICTIONS_FILE = "predictions.png"
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "weights.json"
+DATA_ERROR_FILE = "data_error.json"
 
 
 def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` with the whole history (one JSON object per line)."""
     lines = "".join(json.dumps(_clean(h)) + "\n" for h in history)
     storage.write_text(storage.join(run_uri, HISTORY_FILE), lines)
+
+
+def write_data_error(run_uri: str, shard: str, key: str, reason: str) -> None:
+    """Record the bad row a worker met while streaming (``data_error.json``)."""
+    record = {"shard": shard, "key": key, "reason": reason}
+    storage.write_text(storage.join(run_uri, DATA_ERROR_FILE), json.dumps(record) + "\n")
+
+
+def read_data_error(run_uri: str) -> dict[str, str] | None:
+    """The recorded bad row (``shard``, ``key``, ``reason``), or None if the run met none."""
+    try:
+        return json.loads(storage.read_text(storage.join(run_uri, DATA_ERROR_FILE)))
+    except FileNotFoundError:
+        return None
+
+
+def clear_data_error(run_uri: str) -> None:
+    """Forget a recorded bad row (a new attempt may read fixed data, or skip bad rows)."""
+    storage.delete(storage.join(run_uri, DATA_ERROR_FILE))
 
 
 def read_summary(run_uri: str) -> dict[str, Any]:

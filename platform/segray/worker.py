@@ -2,6 +2,11 @@
 
 Every rank runs the same code; rank 0 alone writes the run folder's files. ``ray.train.report`` is a
 barrier, so every rank reports at the same evaluation steps.
+
+A bad row met while streaming (``data.on_bad_sample=error``) stops the run: the worker records it
+in the run folder (``data_error.json``) and fails. Ray Train's retries would read the same bytes
+again, so each retry fails at once on that record instead of rebuilding the model and streams; the
+driver then reports the row as an input error (:func:`segray.launch.run_training`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from segray import report, storage
 from segray.checkpoint import checkpoint_name, load_state
 from segray.config import Config
-from segray.data import eval_rows, train_collate
+from segray.data import BadSampleError, eval_rows, train_collate
 from segray.engine import StepRunner, endless, save_checkpoint, setup_worker, to_floats
 from segray.evaluation import evaluate
 from segray.runtime import cpu_threads, seed_everything
@@ -26,7 +31,43 @@ from segray.telemetry import WorkerTelemetry
 
 
 def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Train on this worker's shard; returns the run summary on rank 0 (``Result.return_value``)."""
+    """Train on this worker's shard; returns the run summary on rank 0 (``Result.return_value``).
+
+    Raises:
+        BadSampleError: a bad row stopped the run (now or in an earlier attempt of this fit).
+    """
+    run_uri: str = loop_config["run_uri"]
+    found = report.read_data_error(run_uri)
+    if found is not None:  # an earlier attempt met it; the bytes have not changed since
+        raise BadSampleError(**found)
+    try:
+        return _train(loop_config)
+    except Exception as e:
+        bad = bad_sample_in(e)
+        if bad is not None:
+            report.write_data_error(run_uri, bad.shard, bad.key, bad.reason)
+        raise
+
+
+def bad_sample_in(error: BaseException) -> BadSampleError | None:
+    """The :class:`BadSampleError` behind ``error``, if any.
+
+    Ray re-raises a decode task's error as ``RayTaskError(BadSampleError)``, whose ``cause`` is
+    the original (with its shard, key and reason); other code may chain it as ``__cause__``.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, BadSampleError):
+            return cause
+        if type(error) is BadSampleError:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg: Config = loop_config["config"]
     info = loop_config["info"]
     run_uri: str = loop_config["run_uri"]

@@ -84,6 +84,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     cfg.name, cfg.storage = name, spec.trials_root
     storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), to_yaml(cfg))
+    report.clear_data_error(run_uri)  # a resumed sweep may read fixed data
     trainer = build_trainer(cfg, info, spec.trials_root,
                             callbacks=[EvalRoundReport(spec.eval_every)])
     _fit_until_stopped(trainer, storage.join(run_uri, STOPPED_FILE))
