@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from segray import storage
+    from segray.data import BadSampleError, DatasetError
     from segray.evaluation import load_for_eval, run_evaluation
 
     try:
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if e.mode == "slide" and not (e.crop and e.stride):
         fail_usage("--mode slide needs --crop H W and --stride H W (e.g. --crop 512 512 --stride 341 341)")
     out = args.out or storage.join(args.checkpoint, f"eval-{args.split}")
-    summary = run_evaluation(method, model, cfg, info, args.split, out,
-                             max_images=args.max_images, keep=args.images)
+    try:
+        summary = run_evaluation(method, model, cfg, info, args.split, out,
+                                 max_images=args.max_images, keep=args.images)
+    except (DatasetError, BadSampleError, FileNotFoundError) as e:  # names the shard (and key)
+        fail_usage(f"{e}; nothing was written to {out}")
     print(json.dumps(summary["metrics"], indent=2))
     print(f"results: {out}")
     return 0

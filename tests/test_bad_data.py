@@ -80,21 +80,21 @@ def _drop_mask(table: pa.Table) -> pa.Table:
     return table.drop_columns(["mask"])
 
 
-def _row_variants(rows: list[dict]) -> dict[str, tuple[list[dict], int]]:
-    """Row-level bad cases: (rows, index of the bad row)."""
+def _row_variants(rows: list[dict], row: int = 5) -> dict[str, tuple[list[dict], int]]:
+    """Row-level bad cases, each at index ``row``: (rows, index of the bad row)."""
 
-    def with_row(i: int, **change) -> list[dict]:
+    def with_row(**change) -> tuple[list[dict], int]:
         out = [dict(r) for r in rows]
-        out[i].update(change)
-        return out
+        out[row].update(change)
+        return out, row
 
-    h, w = rows[5]["height"], rows[5]["width"]
+    h, w = rows[row]["height"], rows[row]["width"]
     out_of_range = np.zeros((h, w), np.uint8)
     out_of_range[0, :3] = [1, NUM_CLASSES + 3, 255]  # 9 is no class; 255 (ignore) is fine
     return {
-        "corrupt_image": (with_row(5, image=b"\xff\xd8\xff\xe0 truncated jpeg"), 5),
-        "mask_size": (with_row(5, mask=encode_mask_png(np.zeros((h + 3, w), np.uint8))), 5),
-        "label_range": (with_row(5, mask=encode_mask_png(out_of_range)), 5),
+        "corrupt_image": with_row(image=b"\xff\xd8\xff\xe0 truncated jpeg"),
+        "mask_size": with_row(mask=encode_mask_png(np.zeros((h + 3, w), np.uint8))),
+        "label_range": with_row(mask=encode_mask_png(out_of_range)),
     }
 
 
@@ -324,3 +324,17 @@ def test_train_job_skips_and_counts(tmp_path, good):
     assert summary["bad_samples_skipped"] == len(bad) + 1  # + the duplicate
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["data/bad_samples_skipped"] for h in history if "val/mIoU" in h] == [len(bad) + 1]
+
+    # Evaluation never skips: each bad val row stops jobs/evaluate.py (exit 2), naming shard and
+    # key, before anything is written.
+    info, train, val = good
+    checkpoint = next(run.glob("step_*"))
+    for case, (rows, i) in _row_variants(val, row=1).items():
+        data = _write(tmp_path / f"val-{case}", info, train, rows)
+        out = tmp_path / f"eval-{case}"
+        proc = run_job("evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data),
+                       "--out", str(out), env=job_env(tmp_path), check=False, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+        assert (f"error: bad sample '{rows[i]['key']}' in shard {data / 'val-00000.parquet'}"
+                in proc.stdout), case
+        assert not out.exists(), case

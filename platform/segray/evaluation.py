@@ -179,12 +179,22 @@ def load_for_eval(checkpoint: str, data_uri: str | None = None) -> tuple[Any, An
 
 def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, split: str, out: str,
                    *, max_images: int = 0, keep: int = 8) -> dict[str, Any]:
-    """Evaluate on one split in this process and write ``metrics.json`` + ``overlays.png`` to ``out``."""
+    """Evaluate on one split in this process and write ``metrics.json`` + ``overlays.png`` to ``out``.
+
+    Every row is checked as in training (:func:`~segray.data.decode.validate_sample`). The files
+    are written once the rows are evaluated, so a bad row leaves nothing in ``out``.
+
+    Raises:
+        BadSampleError: a row is unlabelled, undecodable, of mismatched size or has labels
+            outside the dataset's classes (names shard and key).
+        DatasetError: a shard differs from the manifest (names it).
+        FileNotFoundError: a shard is missing (names it).
+    """
     import json
 
     from segray import report, storage
     from segray.data import iter_rows
-    from segray.data.decode import decode_image, decode_mask
+    from segray.data.decode import BadSampleError, validate_sample
     from segray.runtime import default_device, resolve_runtime
 
     device = default_device()
@@ -192,11 +202,15 @@ def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, spl
     model.to(device)
 
     def rows():
-        for row in iter_rows(info, split):
+        for row in iter_rows(info, split, with_shard=True):
             if row.get("mask") is None:
-                raise ValueError(f"split '{split}' of {info.uri} has an unlabelled row "
-                                 f"'{row['key']}': evaluation needs masks")
-            yield {"image": decode_image(row["image"]), "mask": decode_mask(row["mask"])}
+                raise BadSampleError(row["shard"], row["key"], "no mask: evaluation needs "
+                                                               "labelled rows")
+            image, mask = validate_sample(
+                row["image"], row["mask"], num_classes=info.num_classes,
+                ignore_index=info.ignore_index, shard=row["shard"], key=row["key"],
+                height=row.get("height"), width=row.get("width"))
+            yield {"image": image, "mask": mask}
 
     result = evaluate(method, model, rows(), num_classes=info.num_classes,
                       ignore_index=info.ignore_index, eval_cfg=cfg.eval, mean=cfg.augment.mean,

@@ -355,11 +355,17 @@ def eval_rows(iterator: Any, *, rank: int = 0, world: int = 1,
                 yield {"key": str(key), "image": batch["image"][i], "mask": batch["mask"][i]}
 
 
-def iter_rows(info: DatasetInfo, split: str,
-              columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+def iter_rows(info: DatasetInfo, split: str, columns: Sequence[str] | None = None, *,
+              with_shard: bool = False) -> Iterator[dict[str, Any]]:
     """Iterate the raw rows of ``split`` with pyarrow, without Ray (for tools and tests).
 
     Each shard is read whole and checked against the manifest's size and SHA-256 first.
+
+    Args:
+        info: the dataset.
+        split: split name.
+        columns: columns to read (all when None).
+        with_shard: add ``shard``, the URI of the row's shard (for errors naming it).
 
     Yields:
         One dict per row (``key``, ``image`` bytes, ``mask`` bytes or None, ``labels`` list,
@@ -368,9 +374,9 @@ def iter_rows(info: DatasetInfo, split: str,
     Raises:
         ValueError: a shard's bytes differ from the manifest (names it).
     """
-    info.shard_uris(split)  # KeyError naming the splits there are
-    for shard in info.splits[split]:
+    for uri, shard in zip(info.shard_uris(split), info.splits[split], strict=True):
         reader = pq.ParquetFile(pa.BufferReader(read_shard(info, split, shard)))
         for record_batch in reader.iter_batches(batch_size=32,
                                                 columns=list(columns) if columns else None):
-            yield from record_batch.to_pylist()
+            for row in record_batch.to_pylist():
+                yield dict(row, shard=uri) if with_shard else row
