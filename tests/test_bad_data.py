@@ -284,6 +284,19 @@ def test_train_job_stops_on_bad_data(tmp_path, good):
     # The same run, told to skip: the record is cleared and the run completes.
     proc = run_job("train.py", *args, "--set", "data.on_bad_sample=skip", env=env, timeout=300)
     assert "validation mIoU" in proc.stdout and not (runs / "r" / "data_error.json").exists()
+    # In a sweep, the trial that meets the row records it for the sweep: the next trial fails at
+    # once, without a run folder, and the sweep ends as an input error.
+    sweeps = tmp_path / "row-sweeps"
+    proc = run_job("tune.py", "--method", "supervised", "--data", str(dst), "--samples", "2",
+                   "--max-concurrent", "1", "--steps", "4", "--eval-every", "4",
+                   "--batch-size", "4", "--set", "train.max_failures=0", "--metrics-port", "0",
+                   "--name", "swc", "--storage", str(sweeps), env=env, check=False, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert f"error: bad sample '{rows[i]['key']}' in shard {shard}" in proc.stdout
+    assert json.loads((sweeps / "swc" / "data_error.json").read_text())["key"] == rows[i]["key"]
+    trials = [t.name for t in (sweeps / "swc" / "trials").iterdir() if t.is_dir()]
+    assert len(trials) == 1 and (sweeps / "swc" / "trials" / trials[0] / "data_error.json").exists()
+    assert (sweeps / "swc" / "trials.csv").read_text().count(",error,") == 2
 
     dup = _write(tmp_path / "dup", info, train, val)
     _rewrite_shard(dup, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))

@@ -265,7 +265,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
         say: where progress lines go.
 
     Raises:
-        UsageError: bad data or resources.
+        UsageError: bad data or resources; also a bad row a trial met while streaming (the
+            trials after it do not start; see :mod:`segray.sweep.trial`).
         OSError: the metrics port is taken.
     """
     from methods import get_method
@@ -279,6 +280,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
         init_ray(need, spec.max_concurrent)
         if base.data.on_bad_sample == "error":
             stream_datasets(base, info)  # a bad dataset stops the sweep here, not in every trial
+        report.clear_data_error(spec.root)  # a bad row an earlier session met may be fixed now
         k, note = plan_concurrency(need, spec.max_concurrent, spec.samples)
         restore = resume and can_resume(spec)
         if not restore:
@@ -304,6 +306,14 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
             if r.error:
                 say(f"[segray] trial {os.path.basename(r.path.rstrip('/'))} failed: "
                     f"{str(r.error).strip().splitlines()[-1][:300]}")
+        found = report.read_data_error(spec.root)
+        if found is not None:
+            from segray.data import BadSampleError
+
+            raise UsageError(f"{BadSampleError(**found)}; the trials after it failed at once "
+                             f"(results so far: {spec.root}): fix the row (re-create the dataset) and add "
+                             "--resume to continue the sweep, or start a new sweep with --set "
+                             "data.on_bad_sample=skip to skip and count such rows")
         return SweepOutcome(rows=rows, best=results.best_row(rows), files=files,
                             max_concurrent=k)
     finally:

@@ -9,6 +9,10 @@ number early stopping counts.
 
 A trial's Train run is named after the trial and lives in ``<sweep>/trials/<trial>``, so a trial
 resumed by ``Tuner.restore`` resumes its Train run from the latest checkpoint.
+
+A trial whose run stops on a bad row (see :mod:`segray.worker`) records the row for the whole sweep
+(``<sweep>/data_error.json``): every trial would read it, so the trials that start after it fail at
+once, and the driver reports the row when Tune is done (:func:`segray.sweep.runner.run_sweep`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from segray import report, storage
 from segray.config import to_yaml
+from segray.data import BadSampleError
 from segray.launch import build_trainer
 from segray.sweep.space import trial_config
 from segray.sweep.spec import METRIC, ROUND_KEY, STOPPED_FILE, SweepSpec, eval_round
@@ -57,6 +62,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     Raises:
         ConfigError: the sampled values make an invalid config (the trial errors).
         ray.train.TrainingFailedError: the Train run failed past ``train.max_failures``.
+        BadSampleError: a trial of this sweep met a bad row; this one does not start.
     """
     import ray.data
 
@@ -79,6 +85,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
             raise RuntimeError(f"{name} {why} but {run_uri} holds no evaluation to report")
         tune.report(last_result(evals[-1], spec.eval_every))
         return
+    found = report.read_data_error(spec.root)
+    if found is not None:
+        raise BadSampleError(**found)
     cfg = trial_config(spec.base, config, get_method(spec.method).Knobs, spec.method,
                        source=f"trial {name}")
     cfg.name, cfg.storage = name, spec.trials_root
@@ -87,7 +96,13 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     report.clear_data_error(run_uri)  # a resumed sweep may read fixed data
     trainer = build_trainer(cfg, info, spec.trials_root,
                             callbacks=[EvalRoundReport(spec.eval_every)])
-    _fit_until_stopped(trainer, storage.join(run_uri, STOPPED_FILE))
+    try:
+        _fit_until_stopped(trainer, storage.join(run_uri, STOPPED_FILE))
+    except Exception:
+        found = report.read_data_error(run_uri)
+        if found is not None:  # the row is in every trial's data
+            report.write_data_error(spec.root, **found)
+        raise
 
 
 def last_result(entry: dict[str, Any], eval_every: int) -> dict[str, Any]:
