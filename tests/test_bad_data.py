@@ -257,7 +257,8 @@ def test_worker_fails_fast_on_a_recorded_bad_row(tmp_path):
     # A retry after a bad row raises before it builds anything (no Ray Train context needed).
     from segray.report import write_data_error
 
-    write_data_error(str(tmp_path), "s3://b/d/train-00001.parquet", "k7", "image: cannot decode")
+    write_data_error(str(tmp_path), BadSampleError("s3://b/d/train-00001.parquet", "k7",
+                                                    "image: cannot decode"))
     with pytest.raises(BadSampleError, match=r"bad sample 'k7' in shard s3://b/d/train-00001"):
         run_worker({"run_uri": str(tmp_path)})
 

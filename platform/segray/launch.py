@@ -220,12 +220,10 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     try:
         result = trainer.fit()
     except Exception:
-        found = report.read_data_error(run_uri)
-        if found is None:
+        recorded = report.read_data_error(run_uri)
+        if recorded is None:
             raise
-        from segray.data import BadSampleError
-
-        raise UsageError(f"{BadSampleError(**found)}; the run stopped there and keeps its "
+        raise UsageError(f"{recorded}; the run stopped there and keeps its "
                          "checkpoints: fix the row (re-create the dataset) and re-run the same "
                          "command to resume, or add --set data.on_bad_sample=skip to skip and "
                          "count such rows") from None

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from segray import storage
+from segray.data.decode import BadSampleError
 
 HISTORY_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -32,18 +33,19 @@ def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
     storage.write_text(storage.join(run_uri, HISTORY_FILE), lines)
 
 
-def write_data_error(run_uri: str, shard: str, key: str, reason: str) -> None:
-    """Record the bad row a worker met while streaming (``data_error.json``)."""
-    record = {"shard": shard, "key": key, "reason": reason}
+def write_data_error(run_uri: str, error: BadSampleError) -> None:
+    """Record the bad row a worker met while streaming (``data_error.json``: shard, key, reason)."""
+    record = {"shard": error.shard, "key": error.key, "reason": error.reason}
     storage.write_text(storage.join(run_uri, DATA_ERROR_FILE), json.dumps(record) + "\n")
 
 
-def read_data_error(run_uri: str) -> dict[str, str] | None:
-    """The recorded bad row (``shard``, ``key``, ``reason``), or None if the run met none."""
+def read_data_error(run_uri: str) -> BadSampleError | None:
+    """The recorded bad row, or None if the run met none."""
     try:
-        return json.loads(storage.read_text(storage.join(run_uri, DATA_ERROR_FILE)))
+        record = json.loads(storage.read_text(storage.join(run_uri, DATA_ERROR_FILE)))
     except FileNotFoundError:
         return None
+    return BadSampleError(record["shard"], record["key"], record["reason"])
 
 
 def clear_data_error(run_uri: str) -> None:

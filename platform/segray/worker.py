@@ -37,15 +37,15 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         BadSampleError: a bad row stopped the run (now or in an earlier attempt of this fit).
     """
     run_uri: str = loop_config["run_uri"]
-    found = report.read_data_error(run_uri)
-    if found is not None:  # an earlier attempt met it; the bytes have not changed since
-        raise BadSampleError(**found)
+    recorded = report.read_data_error(run_uri)
+    if recorded is not None:  # an earlier attempt met it; the bytes have not changed since
+        raise recorded
     try:
         return _train(loop_config)
     except Exception as e:
         bad = bad_sample_in(e)
         if bad is not None:
-            report.write_data_error(run_uri, bad.shard, bad.key, bad.reason)
+            report.write_data_error(run_uri, bad)
         raise
 
 

@@ -306,11 +306,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
             if r.error:
                 say(f"[segray] trial {os.path.basename(r.path.rstrip('/'))} failed: "
                     f"{str(r.error).strip().splitlines()[-1][:300]}")
-        found = report.read_data_error(spec.root)
-        if found is not None:
-            from segray.data import BadSampleError
-
-            raise UsageError(f"{BadSampleError(**found)}; the trials after it failed at once "
+        recorded = report.read_data_error(spec.root)
+        if recorded is not None:
+            raise UsageError(f"{recorded}; the trials after it failed at once "
                              f"(results so far: {spec.root}): fix the row (re-create the dataset) and add "
                              "--resume to continue the sweep, or start a new sweep with --set "
                              "data.on_bad_sample=skip to skip and count such rows")

@@ -26,7 +26,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from segray import report, storage
 from segray.config import to_yaml
-from segray.data import BadSampleError
 from segray.launch import build_trainer
 from segray.sweep.space import trial_config
 from segray.sweep.spec import METRIC, ROUND_KEY, STOPPED_FILE, SweepSpec, eval_round
@@ -85,9 +84,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
             raise RuntimeError(f"{name} {why} but {run_uri} holds no evaluation to report")
         tune.report(last_result(evals[-1], spec.eval_every))
         return
-    found = report.read_data_error(spec.root)
-    if found is not None:
-        raise BadSampleError(**found)
+    recorded = report.read_data_error(spec.root)
+    if recorded is not None:
+        raise recorded
     cfg = trial_config(spec.base, config, get_method(spec.method).Knobs, spec.method,
                        source=f"trial {name}")
     cfg.name, cfg.storage = name, spec.trials_root
@@ -99,9 +98,9 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     try:
         _fit_until_stopped(trainer, storage.join(run_uri, STOPPED_FILE))
     except Exception:
-        found = report.read_data_error(run_uri)
-        if found is not None:  # the row is in every trial's data
-            report.write_data_error(spec.root, **found)
+        recorded = report.read_data_error(run_uri)
+        if recorded is not None:  # the row is in every trial's data
+            report.write_data_error(spec.root, recorded)
         raise
 
 
