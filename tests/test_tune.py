@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -26,7 +27,10 @@ import pytest
 import yaml
 from conftest import ROOT, job_env, run_job
 
+from segray import report
+from segray.data.decode import BadSampleError
 from segray.sweep.exporter import SweepMetrics
+from segray.sweep.trial import _fit_until_stopped
 
 STEPS, EVAL_EVERY = 18, 9  # two evaluation rounds: ASHA decides at round 1
 SPACE = ("optim.lr: {type: choice, values: [1.0e-7, 3.0e-3]}  # 1e-7 cannot learn in 18 steps\n"
@@ -126,6 +130,52 @@ def test_sweep_metrics_exporter():
     with pytest.raises(OSError):
         _scrape(port)  # closed
     assert SweepMetrics("s3", 0).port == 0  # 0 = not served
+
+
+class _Fit:
+    """Stands in for a trial's TorchTrainer: ``fit`` runs until released, or raises ``error``."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error, self.started, self.release = error, threading.Event(), threading.Event()
+
+    def fit(self) -> None:
+        self.started.set()
+        if self.error is not None:
+            raise self.error
+        assert self.release.wait(60), "never released"
+
+
+def test_a_running_trial_ends_when_another_records_a_bad_row(tmp_path):
+    sweep, run = str(tmp_path / "sw"), tmp_path / "sw" / "trials" / "t1"
+    marker = str(run / "stopped_early.json")
+    fit = _Fit()
+    row = BadSampleError("s3://b/d/train-00001.parquet", "k7", "image: cannot decode")
+
+    def another_trial_meets_the_row() -> None:
+        fit.started.wait(30)
+        report.write_data_error(sweep, row)
+
+    threading.Thread(target=another_trial_meets_the_row, daemon=True).start()
+    with pytest.raises(BadSampleError) as raised:  # an error, so --resume runs it again
+        _fit_until_stopped(fit, "t1", marker, sweep, poll_s=0.05)
+    assert (raised.value.shard, raised.value.key, raised.value.reason) == (
+        row.shard, row.key, row.reason)
+    fit.release.set()
+
+    # The scheduler's stop marker ends it quietly; a fit's own outcome passes through.
+    report.clear_data_error(sweep)
+    fit = _Fit()
+    run.mkdir(parents=True)
+    threading.Thread(target=lambda: fit.started.wait(30) and Path(marker).write_text("{}"),
+                     daemon=True).start()
+    assert _fit_until_stopped(fit, "t1", marker, sweep, poll_s=0.05) is None
+    fit.release.set()
+    Path(marker).unlink()
+    with pytest.raises(ValueError, match="its own failure"):
+        _fit_until_stopped(_Fit(ValueError("its own failure")), "t1", marker, sweep, poll_s=0.05)
+    done = _Fit()
+    done.release.set()
+    assert _fit_until_stopped(done, "t1", marker, sweep, poll_s=0.05) is None
 
 
 def _rows(sweep: Path) -> list[dict[str, str]]:

@@ -12,7 +12,9 @@ resumed by ``Tuner.restore`` resumes its Train run from the latest checkpoint.
 
 A trial whose run stops on a bad row (see :mod:`segray.worker`) records the row for the whole sweep
 (``<sweep>/data_error.json``): every trial would read it, so the trials that start after it fail at
-once, and the driver reports the row when Tune is done (:func:`segray.sweep.runner.run_sweep`).
+once, the trials running beside it fail at their next poll (within a second), and the driver
+reports the row when Tune is done (:func:`segray.sweep.runner.run_sweep`). Those trials end in
+error, not stopped, so ``--resume`` runs them again from their latest checkpoints.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     trainer = build_trainer(cfg, info, spec.trials_root,
                             callbacks=[EvalRoundReport(spec.eval_every)])
     try:
-        _fit_until_stopped(trainer, storage.join(run_uri, STOPPED_FILE))
+        _fit_until_stopped(trainer, name, storage.join(run_uri, STOPPED_FILE), spec.root)
     except Exception:
         recorded = report.read_data_error(run_uri)
         if recorded is not None:  # the row is in every trial's data
@@ -111,12 +113,19 @@ def last_result(entry: dict[str, Any], eval_every: int) -> dict[str, Any]:
     return out
 
 
-def _fit_until_stopped(trainer: Any, marker: str, poll_s: float = 1.0) -> None:
-    """``trainer.fit()``, given up as soon as the scheduler's stop marker appears.
+def _fit_until_stopped(trainer: Any, name: str, marker: str, sweep_root: str,
+                       poll_s: float = 1.0) -> None:
+    """``trainer.fit()``, given up as soon as the scheduler's stop marker appears, or another
+    trial of the sweep records a bad row.
 
     Tune delivers a stop to a function trainable only after its next result, which would train a
     stopped trial through one more evaluation round. Returning here ends the trial at once; its
-    Train controller and workers go down with the trial's actor.
+    Train controller and workers go down with the trial's actor. A bad row recorded under
+    ``sweep_root`` is in this trial's data too: it is raised here, so the trial errors (and
+    ``--resume`` re-runs it) instead of training until it reaches the row itself.
+
+    Raises:
+        BadSampleError: a bad row was recorded for the sweep while this trial trained.
     """
     outcome: dict[str, BaseException] = {}
 
@@ -130,9 +139,15 @@ def _fit_until_stopped(trainer: Any, marker: str, poll_s: float = 1.0) -> None:
     thread.start()
     while thread.is_alive():
         thread.join(poll_s)
-        if thread.is_alive() and storage.exists(marker):
-            print(f"[segray] {tune.get_context().get_trial_name()} stopped early by the scheduler")
+        if not thread.is_alive():
+            break
+        if storage.exists(marker):
+            print(f"[segray] {name} stopped early by the scheduler")
             return
+        recorded = report.read_data_error(sweep_root)
+        if recorded is not None:
+            print(f"[segray] {name} stops: a trial of this sweep met a bad row")
+            raise recorded
     if "error" in outcome:
         raise outcome["error"]
 
