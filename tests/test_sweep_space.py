@@ -28,6 +28,9 @@ from segray.sweep.space import (
     trial_config,
 )
 from segray.sweep.spec import (
+    METRIC,
+    ROUND_KEY,
+    RUNGS_FILE,
     STOPPED_FILE,
     SweepSpec,
     concurrency,
@@ -290,6 +293,68 @@ def test_results_folder(tmp_path):
     (root / "trials" / "trial_005_e" / STOPPED_FILE).write_text("{}")
     overrun = {"name": "trial_005_e", "status": "TERMINATED", "config": {}, "last": {}}
     assert results.trial_rows(spec, [overrun])[0].status == "stopped"
+
+
+class _Controller:
+    """What a scheduler asks of Tune's controller: the trials, in the order they were added."""
+
+    def __init__(self, trials: list) -> None:
+        self.trials = trials
+
+    def get_trials(self) -> list:
+        return self.trials
+
+
+def _trial(name: str, status: str):
+    from ray.tune.experiment import Trial
+
+    number, trial_id = name.split("_")[1:]
+    trial = Trial("run_trial", stub=True, trial_id=trial_id, experiment_tag=f"{int(number)}_x=1")
+    trial.custom_trial_name = name
+    trial.set_status(status)
+    return trial
+
+
+def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
+    from segray.sweep.runner import SweepASHA
+
+    spec = _spec(tmp_path)  # 3 rounds: rungs at rounds 1 and 2
+    runs = Path(spec.trials_root)
+    _fake_run(spec, "trial_001_a", [10.0, 20.0, 30.0])  # finished
+    _fake_run(spec, "trial_002_b", [5.0])  # stopped at round 1
+    _fake_run(spec, "trial_003_c", [4.0])  # judged at round 1 (it came first), then interrupted
+    (runs / "trial_003_c" / RUNGS_FILE).write_text('{"1": 4.0}')
+    _fake_run(spec, "trial_004_d", [3.0])  # its round 1 awaited judgement when the driver died
+    _fake_run(spec, "trial_005_e", [2.0])  # stopped before: its marker is kept as it is
+    (runs / "trial_005_e" / STOPPED_FILE).write_text('{"before": true}')
+    trials = [_trial("trial_005_e", "PENDING"), _trial("trial_004_d", "PENDING"),
+              _trial("trial_003_c", "PENDING"), _trial("trial_002_b", "TERMINATED"),
+              _trial("trial_001_a", "TERMINATED"), _trial("trial_006_f", "PENDING")]
+    asha = SweepASHA(spec)
+    asha.set_search_properties(METRIC, "max")
+    controller = _Controller(trials)
+    for trial in trials:  # as Tuner.restore adds them
+        asha.on_trial_add(controller, trial)
+    assert asha.choose_trial_to_run(controller) is trials[0]
+
+    # c keeps the judgement it had, though 4 is now under the median of 10 and 5. d is judged
+    # now (in start order, after c) on the result it reported, against 10, 5 and 4: stopped,
+    # instead of training its next round first.
+    assert not (runs / "trial_003_c" / STOPPED_FILE).exists()
+    marker = json.loads((runs / "trial_004_d" / STOPPED_FILE).read_text())
+    assert {k: v for k, v in marker.items() if k != "time"} == {"step": 4, ROUND_KEY: 1,
+                                                                   METRIC: 3.0}
+    assert json.loads((runs / "trial_004_d" / RUNGS_FILE).read_text()) == {"1": 3.0}
+    assert (runs / "trial_005_e" / STOPPED_FILE).read_text() == '{"before": true}'
+    out = capsys.readouterr().out
+    assert "trial_004_d stopped early by the scheduler on round 1" in out
+    assert "trial_005_e" not in out and "trial_003_c" not in out
+
+    # Live results meet the rebuilt rungs: c's round 2 meets a's (20); f's round 1 the median 4.
+    assert asha.on_trial_result(controller, trials[2], {ROUND_KEY: 2, METRIC: 15.0}) == "STOP"
+    assert json.loads((runs / "trial_003_c" / RUNGS_FILE).read_text()) == {"1": 4.0, "2": 15.0}
+    assert asha.on_trial_result(controller, trials[5], {ROUND_KEY: 1, METRIC: 11.0}) == "CONTINUE"
+    assert json.loads((runs / "trial_006_f" / RUNGS_FILE).read_text()) == {"1": 11.0}
 
 
 def test_best_yaml_is_a_valid_preset(tmp_path):

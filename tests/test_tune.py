@@ -30,6 +30,7 @@ from conftest import ROOT, job_env, run_job
 from segray import report
 from segray.data.decode import BadSampleError
 from segray.sweep.exporter import SweepMetrics
+from segray.sweep.spec import RUNGS_FILE, STOPPED_FILE
 from segray.sweep.trial import _fit_until_stopped
 
 STEPS, EVAL_EVERY = 18, 9  # two evaluation rounds: ASHA decides at round 1
@@ -57,10 +58,10 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
-def _kill_marked(marker: str) -> None:
+def _kill_marked(marker: str, sig: int = signal.SIGKILL) -> None:
     for pid in _marked(marker):
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
 
 
 @pytest.fixture
@@ -197,8 +198,8 @@ def _registered(run: Path) -> list[int]:
 def _interruptible(sweep: Path) -> str | None:
     """A trial in the middle of its last round while another has finished its report, if any.
 
-    Logged steps past the first evaluation mean the trial went on after ASHA's only rung, so it
-    will not be stopped; its first checkpoint is registered and its last one is not.
+    ASHA has judged its result at the only rung (its judgement is on file) and it trained on, so
+    it was not stopped; its first checkpoint is registered and its last one is not.
     """
     runs = sorted((sweep / "trials").glob("trial_*"))
     if not any((run / "summary.json").exists() for run in runs):  # its report is complete
@@ -209,6 +210,7 @@ def _interruptible(sweep: Path) -> str | None:
         ckpts = _registered(run)
         if run.name not in ended and steps and max(steps) >= EVAL_EVERY + 3 \
                 and EVAL_EVERY in ckpts and STEPS not in ckpts \
+                and (run / RUNGS_FILE).exists() and not (run / STOPPED_FILE).exists() \
                 and not (run / "summary.json").exists():
             return run.name
     return None
@@ -225,20 +227,27 @@ def test_sweep_early_stopping_interrupt_resume_and_results(tmp_path, small_datas
             "--storage", str(tmp_path / "runs"), "--name", "sw"]
     cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), *args]
 
-    # 1. Start the sweep; kill the driver's process group in the middle of a trial's last round.
+    # 1. Start the sweep; kill the driver and Ray (every process of the test) in the middle of a
+    # trial's last round. The last steps of a round take about a second here, so everything is
+    # frozen first and the victim confirmed on the frozen state: it cannot finish meanwhile.
+    marker = sweep_env["SEGRAY_TEST_MARKER"]
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen([*cmd, "--metrics-port", "0"], cwd=ROOT, env=sweep_env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 480
         victim = None
         while victim is None:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-5000:]
             assert time.time() < deadline, "no trial to interrupt"
             time.sleep(0.2)
+            if _interruptible(sweep) is None:
+                continue
+            _kill_marked(marker, signal.SIGSTOP)
             victim = _interruptible(sweep)
-        os.killpg(proc.pid, signal.SIGKILL)
+            if victim is None:  # it finished before the freeze
+                _kill_marked(marker, signal.SIGCONT)
+        _kill_marked(marker)
         proc.wait()
-    _kill_marked(sweep_env["SEGRAY_TEST_MARKER"])  # Ray's own processes are not in the group
     before = {run.name: {"lines": (run / "metrics.jsonl").read_text().splitlines(),
                          "ckpts": _registered(run),
                          "summary": (run / "summary.json").read_bytes()

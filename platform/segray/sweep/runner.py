@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from segray import launch, report, storage
 from segray.launch import UsageError, resolve_data, stream_datasets
@@ -30,6 +30,7 @@ from segray.sweep.space import trial_config
 from segray.sweep.spec import (
     METRIC,
     ROUND_KEY,
+    RUNGS_FILE,
     STOPPED_FILE,
     TRIAL_CPUS,
     SweepSpec,
@@ -72,12 +73,7 @@ class SweepProgress(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         if result.get("done"):  # the scheduler decided to stop this trial
-            record = {k: result.get(k) for k in ("step", ROUND_KEY, METRIC)}
-            try:
-                storage.write_text(storage.join(self.spec.run_uri(str(trial)), STOPPED_FILE),
-                                   json.dumps({**record, "time": time.time()}))
-            except OSError as e:  # the trial still stops; only a crash right now would revive it
-                print(f"[segray] could not record that {trial} was stopped: {e}", file=sys.stderr)
+            record_stop(self.spec, str(trial), result)
         self._gauges(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -101,6 +97,20 @@ class SweepProgress(tune.Callback):
             latest = {str(t): float(t.last_result[METRIC]) for t in trials
                       if (t.last_result or {}).get(METRIC) is not None}
             metrics.observe(running=sum(t.status == "RUNNING" for t in trials), latest=latest)
+
+
+def record_stop(spec: SweepSpec, trial: str, result: dict[str, Any]) -> None:
+    """Write the scheduler's stop of ``trial`` (the result it was judged on) into its run folder.
+
+    The marker ends a trial that is training (:func:`segray.sweep.trial._fit_until_stopped`) and
+    keeps a resumed sweep from training it again.
+    """
+    record = {k: result.get(k) for k in ("step", ROUND_KEY, METRIC)}
+    try:
+        storage.write_text(storage.join(spec.run_uri(trial), STOPPED_FILE),
+                           json.dumps({**record, "time": time.time()}))
+    except OSError as e:  # the trial still stops; only a crash right now would revive it
+        print(f"[segray] could not record that {trial} was stopped: {e}", file=sys.stderr)
 
 
 def publish(sweep: str, rows: list[results.TrialRow]) -> None:
@@ -182,10 +192,18 @@ class SweepASHA(ASHAScheduler):
     """ASHA on evaluation rounds that survives a resume.
 
     Tune does not save its scheduler's state, so after ``Tuner.restore`` the rungs would start
-    empty and trials run after the interruption would be judged against nobody. When a trial
-    that has ended is restored, this scheduler re-records its results at each rung from its Train
-    run's ``metrics.jsonl``. A trial that will run again is judged afresh at its next result (it
-    may redo rounds past its last checkpoint).
+    empty: trials run after the interruption would be judged against nobody, and a trial whose
+    rung result was still waiting for judgement when the driver went down would be judged only
+    at its next result, rounds later (after its last round, when there is nothing left to stop).
+    So every judgement is written to the trial's run folder (``asha_rungs.json``; a stop also
+    writes ``stopped_early.json``), and when the sweep is restored the rungs are rebuilt:
+
+    - a trial that has ended has its results recorded at each rung, from its ``metrics.jsonl``;
+    - a trial that will run again has the results ASHA had judged recorded as they were;
+    - then each result a trial had reported but ASHA had not judged yet is judged, in the order
+      the trials started, exactly as ASHA judges a new result. A trial stopped this way gets its
+      stop marker and reports its last evaluation without training again; otherwise it resumes,
+      to be judged at the rungs it has not reached.
     """
 
     def __init__(self, spec: SweepSpec) -> None:
@@ -196,21 +214,78 @@ class SweepASHA(ASHAScheduler):
                          grace_period=spec.grace_period, reduction_factor=spec.reduction_factor,
                          stop_last_trials=False)
         self.spec = spec
+        self._unjudged: list[tuple[Any, list[tuple[int, float, int]]]] = []
+        self._written: dict[str, dict[int, float]] = {}  # trial id -> what its file holds
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
-        if trial.status != "TERMINATED":
+        run_uri = self.spec.run_uri(str(trial))
+        history = report.read_history(run_uri)
+        by_round = sorted((eval_round(int(h["step"]), self.spec.eval_every), h[METRIC],
+                           int(h["step"])) for h in history if h.get(METRIC) is not None)
+        rungs = self._trial_info[trial.trial_id]._rungs
+        if trial.status == "TERMINATED":
+            judged = {}
+            for milestone, _ in rungs:  # ASHA records the first result at or after a milestone
+                first = next((v for r, v, _ in by_round if r >= milestone), None)
+                if first is not None:
+                    judged[milestone] = first
+        else:
+            judged = self._written[trial.trial_id] = self._read_judged(run_uri)
+            if by_round:
+                self._unjudged.append((trial, by_round))  # once every trial is back
+        for milestone, recorded in rungs:
+            if milestone in judged:
+                recorded[trial.trial_id] = self._metric_op * judged[milestone]
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        # Tune adds every restored trial before it first asks which to run.
+        unjudged, self._unjudged = self._unjudged, []
+        for trial, by_round in sorted(unjudged, key=lambda item: trial_name(item[0])):
+            self._judge_late(trial, by_round)
+        return super().choose_trial_to_run(tune_controller)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._write_judged(trial)
+        return action
+
+    def _judge_late(self, trial: Any, by_round: list[tuple[int, float, int]]) -> None:
+        bracket = self._trial_info.get(trial.trial_id)
+        if bracket is None:  # removed meanwhile
             return
-        history = report.read_history(self.spec.run_uri(str(trial)))
-        by_round = sorted((eval_round(int(h["step"]), self.spec.eval_every), h[METRIC])
-                          for h in history if h.get(METRIC) is not None)
-        if not by_round:
+        for rnd, value, step in by_round:  # rungs already judged are passed over
+            action = bracket.on_result(trial, rnd, self._metric_op * value)
+            self._write_judged(trial)
+            if action != TrialScheduler.STOP:
+                continue
+            self._num_stopped += 1
+            if not storage.exists(storage.join(self.spec.run_uri(str(trial)), STOPPED_FILE)):
+                print(f"[segray] {trial} stopped early by the scheduler on round {rnd}, which it "
+                      f"reported before the sweep was interrupted (mIoU {value:.2f})")
+                record_stop(self.spec, str(trial), {"step": step, ROUND_KEY: rnd, METRIC: value})
             return
-        for milestone, recorded in self._trial_info[trial.trial_id]._rungs:
-            # ASHA records a trial's first result at or after each milestone.
-            value = next((v for r, v in by_round if r >= milestone), None)
-            if value is not None and trial.trial_id not in recorded:
-                recorded[trial.trial_id] = self._metric_op * value
+
+    def _write_judged(self, trial: Any) -> None:
+        bracket = self._trial_info.get(trial.trial_id)
+        judged = {m: self._metric_op * recorded[trial.trial_id]
+                  for m, recorded in (bracket._rungs if bracket else []) if trial.trial_id in recorded}
+        if not judged or judged == self._written.get(trial.trial_id):
+            return
+        path = storage.join(self.spec.run_uri(str(trial)), RUNGS_FILE)
+        try:
+            storage.write_text(path, json.dumps({str(m): v for m, v in sorted(judged.items())}))
+            self._written[trial.trial_id] = judged
+        except OSError as e:  # a resume would judge this result again; nothing else is lost
+            print(f"[segray] could not record ASHA's judgement of {trial}: {e}", file=sys.stderr)
+
+    @staticmethod
+    def _read_judged(run_uri: str) -> dict[int, float]:
+        try:
+            text = storage.read_text(storage.join(run_uri, RUNGS_FILE))
+        except FileNotFoundError:
+            return {}
+        return {int(m): float(v) for m, v in json.loads(text).items()}
 
 
 def build_tuner(spec: SweepSpec, info: Any, max_concurrent: int) -> tune.Tuner:

@@ -31,6 +31,9 @@ SPEC_FILE = "sweep.yaml"
 # Written into a trial's Train run folder the moment the scheduler stops it, so the decision
 # survives a crash of the sweep driver (Tune saves its own state only every few seconds).
 STOPPED_FILE = "stopped_early.json"
+# The rung results ASHA has judged a trial on ({round: mIoU}), written as it judges them: a resumed
+# sweep records them again instead of judging them a second time, in another order.
+RUNGS_FILE = "asha_rungs.json"
 METRIC = "val/mIoU"
 ROUND_KEY = "eval_round"
 # The trial function only builds and watches a TorchTrainer; its workers hold their own resources.
