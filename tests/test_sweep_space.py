@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -318,7 +319,8 @@ def _trial(name: str, status: str):
 def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
     from segray.sweep.runner import SweepASHA
 
-    spec = _spec(tmp_path)  # 3 rounds: rungs at rounds 1 and 2
+    # 3 rounds: rungs at rounds 1 and 2 (floats, as the CLI's reduction factor makes them).
+    spec = dataclasses.replace(_spec(tmp_path), reduction_factor=2.0)
     runs = Path(spec.trials_root)
     _fake_run(spec, "trial_001_a", [10.0, 20.0, 30.0])  # finished
     _fake_run(spec, "trial_002_b", [5.0])  # stopped at round 1
@@ -327,6 +329,7 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
     _fake_run(spec, "trial_004_d", [3.0])  # its round 1 awaited judgement when the driver died
     _fake_run(spec, "trial_005_e", [2.0])  # stopped before: its marker is kept as it is
     (runs / "trial_005_e" / STOPPED_FILE).write_text('{"before": true}')
+    (runs / "trial_005_e" / RUNGS_FILE).write_text('{"1": ')  # cut short: judged again
     trials = [_trial("trial_005_e", "PENDING"), _trial("trial_004_d", "PENDING"),
               _trial("trial_003_c", "PENDING"), _trial("trial_002_b", "TERMINATED"),
               _trial("trial_001_a", "TERMINATED"), _trial("trial_006_f", "PENDING")]
@@ -346,9 +349,11 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
                                                                    METRIC: 3.0}
     assert json.loads((runs / "trial_004_d" / RUNGS_FILE).read_text()) == {"1": 3.0}
     assert (runs / "trial_005_e" / STOPPED_FILE).read_text() == '{"before": true}'
-    out = capsys.readouterr().out
+    assert json.loads((runs / "trial_005_e" / RUNGS_FILE).read_text()) == {"1": 2.0}
+    out, err = capsys.readouterr()
     assert "trial_004_d stopped early by the scheduler on round 1" in out
     assert "trial_005_e" not in out and "trial_003_c" not in out
+    assert f"ignoring unreadable {runs / 'trial_005_e' / RUNGS_FILE}" in err
 
     # Live results meet the rebuilt rungs: c's round 2 meets a's (20); f's round 1 the median 4.
     assert asha.on_trial_result(controller, trials[2], {ROUND_KEY: 2, METRIC: 15.0}) == "STOP"

@@ -215,7 +215,7 @@ class SweepASHA(ASHAScheduler):
                          stop_last_trials=False)
         self.spec = spec
         self._unjudged: list[tuple[Any, list[tuple[int, float, int]]]] = []
-        self._written: dict[str, dict[int, float]] = {}  # trial id -> what its file holds
+        self._written: dict[str, dict[float, float]] = {}  # trial id -> what its file holds
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -274,18 +274,23 @@ class SweepASHA(ASHAScheduler):
             return
         path = storage.join(self.spec.run_uri(str(trial)), RUNGS_FILE)
         try:
-            storage.write_text(path, json.dumps({str(m): v for m, v in sorted(judged.items())}))
+            storage.write_text(path, json.dumps({f"{m:g}": v for m, v in sorted(judged.items())}))
             self._written[trial.trial_id] = judged
         except OSError as e:  # a resume would judge this result again; nothing else is lost
             print(f"[segray] could not record ASHA's judgement of {trial}: {e}", file=sys.stderr)
 
     @staticmethod
-    def _read_judged(run_uri: str) -> dict[int, float]:
+    def _read_judged(run_uri: str) -> dict[float, float]:
+        """Milestone -> the mIoU ASHA judged there, as written by :meth:`_write_judged`."""
+        path = storage.join(run_uri, RUNGS_FILE)
         try:
-            text = storage.read_text(storage.join(run_uri, RUNGS_FILE))
+            return {float(m): float(v) for m, v in json.loads(storage.read_text(path)).items()}
         except FileNotFoundError:
             return {}
-        return {int(m): float(v) for m, v in json.loads(text).items()}
+        except (ValueError, TypeError, AttributeError) as e:  # never fail the restore over it
+            print(f"[segray] ignoring unreadable {path} ({e}); its results are judged again",
+                  file=sys.stderr)
+            return {}
 
 
 def build_tuner(spec: SweepSpec, info: Any, max_concurrent: int) -> tune.Tuner:
