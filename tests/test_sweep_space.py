@@ -330,9 +330,12 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
     _fake_run(spec, "trial_005_e", [2.0])  # stopped before: its marker is kept as it is
     (runs / "trial_005_e" / STOPPED_FILE).write_text('{"before": true}')
     (runs / "trial_005_e" / RUNGS_FILE).write_text('{"1": ')  # cut short: judged again
+    (runs / "trial_007_g").mkdir()
+    (runs / "trial_007_g" / "metrics.jsonl").write_text('{"step": 4, "val/mIoU": 1.0}\n{"st')
     trials = [_trial("trial_005_e", "PENDING"), _trial("trial_004_d", "PENDING"),
               _trial("trial_003_c", "PENDING"), _trial("trial_002_b", "TERMINATED"),
-              _trial("trial_001_a", "TERMINATED"), _trial("trial_006_f", "PENDING")]
+              _trial("trial_001_a", "TERMINATED"), _trial("trial_006_f", "PENDING"),
+              _trial("trial_007_g", "PENDING")]
     asha = SweepASHA(spec)
     asha.set_search_properties(METRIC, "max")
     controller = _Controller(trials)
@@ -354,6 +357,8 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
     assert "trial_004_d stopped early by the scheduler on round 1" in out
     assert "trial_005_e" not in out and "trial_003_c" not in out
     assert f"ignoring unreadable {runs / 'trial_005_e' / RUNGS_FILE}" in err
+    assert f"cannot read the results of trial_007_g from {runs / 'trial_007_g'}" in err
+    assert not (runs / "trial_007_g" / STOPPED_FILE).exists()
 
     # Live results meet the rebuilt rungs: c's round 2 meets a's (20); f's round 1 the median 4.
     assert asha.on_trial_result(controller, trials[2], {ROUND_KEY: 2, METRIC: 15.0}) == "STOP"

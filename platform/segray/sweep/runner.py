@@ -220,9 +220,14 @@ class SweepASHA(ASHAScheduler):
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
         run_uri = self.spec.run_uri(str(trial))
-        history = report.read_history(run_uri)
-        by_round = sorted((eval_round(int(h["step"]), self.spec.eval_every), h[METRIC],
-                           int(h["step"])) for h in history if h.get(METRIC) is not None)
+        try:
+            by_round = sorted((eval_round(int(h["step"]), self.spec.eval_every), h[METRIC],
+                               int(h["step"])) for h in report.read_history(run_uri)
+                              if h.get(METRIC) is not None)
+        except (ValueError, KeyError, TypeError) as e:  # never fail the restore over it
+            print(f"[segray] cannot read the results of {trial} from {run_uri} ({e}); ASHA "
+                  "judges it on new results only", file=sys.stderr)
+            by_round = []
         rungs = self._trial_info[trial.trial_id]._rungs
         if trial.status == "TERMINATED":
             judged = {}
