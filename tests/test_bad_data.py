@@ -298,6 +298,14 @@ def test_train_job_stops_on_bad_data(tmp_path, good):
     trials = [t.name for t in (sweeps / "swc" / "trials").iterdir() if t.is_dir()]
     assert len(trials) == 1 and (sweeps / "swc" / "trials" / trials[0] / "data_error.json").exists()
     assert (sweeps / "swc" / "trials.csv").read_text().count(",error,") == 2
+    # The data fixed in place, --resume clears the record and both trials run to the end.
+    _write(dst, info, train, val)
+    proc = run_job("tune.py", "--resume", "--name", "swc", "--storage", str(sweeps),
+                   "--metrics-port", "0", env=env, timeout=600)
+    assert "best trial" in proc.stdout and not (sweeps / "swc" / "data_error.json").exists()
+    table = (sweeps / "swc" / "trials.csv").read_text()
+    assert table.count(",finished,") == 2 and ",error," not in table, table
+    assert not list((sweeps / "swc" / "trials").glob("*/data_error.json"))
 
     dup = _write(tmp_path / "dup", info, train, val)
     _rewrite_shard(dup, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))

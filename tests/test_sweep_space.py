@@ -367,6 +367,37 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
     assert json.loads((runs / "trial_006_f" / RUNGS_FILE).read_text()) == {"1": 11.0}
 
 
+@pytest.mark.parametrize("scheduler", ["asha", "none"])
+def test_a_resumed_sweep_starts_no_more_trials_than_its_concurrency(tmp_path, scheduler):
+    from segray.sweep.runner import SweepASHA, SweepFIFO
+
+    spec = dataclasses.replace(_spec(tmp_path), max_concurrent=2)
+    gate = SweepASHA(spec) if scheduler == "asha" else SweepFIFO(spec)
+    gate.set_search_properties(METRIC, "max")
+    names = ["trial_001_a", "trial_002_b", "trial_003_c", "trial_004_d", "trial_005_e"]
+    trials = [_trial(names[0], "TERMINATED")]
+    controller = _Controller(trials)
+    for name in reversed(names[1:]):  # Tuner.restore brings back four unfinished trials
+        trials.append(_trial(name, "PENDING"))
+        gate.on_trial_add(controller, trials[-1])
+    status = {str(t): t.status for t in trials}
+    assert status == {"trial_001_a": "TERMINATED", "trial_005_e": "PENDING",
+                      "trial_004_d": "PENDING", "trial_003_c": "PAUSED", "trial_002_b": "PAUSED"}
+
+    def step() -> str | None:  # what Tune's controller does with the scheduler's choice
+        chosen = gate.choose_trial_to_run(controller)
+        if chosen is not None:
+            chosen.set_status("RUNNING")
+        return None if chosen is None else str(chosen)
+
+    assert {step(), step()} == {"trial_004_d", "trial_005_e"}
+    assert step() is None  # two running: the held trials wait
+    trials[1].set_status("TERMINATED")
+    assert step() == "trial_002_b" and step() is None  # in start order, one per freed slot
+    trials[2].set_status("ERROR")
+    assert step() == "trial_003_c" and step() is None
+
+
 def test_best_yaml_is_a_valid_preset(tmp_path):
     """build_config (what jobs/train.py --preset-file uses) accepts best.yaml unchanged."""
     import argparse

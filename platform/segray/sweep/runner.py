@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from segray import launch, report, storage
 from segray.launch import UsageError, resolve_data, stream_datasets
@@ -188,7 +189,56 @@ def _trainable(spec: SweepSpec, info: Any) -> Any:
                                {"cpu": TRIAL_CPUS})
 
 
-class SweepASHA(ASHAScheduler):
+class _ConcurrencyGate:
+    """Keeps a resumed sweep within its concurrency: restored trials past it wait, PAUSED.
+
+    Tune's ``max_concurrent_trials`` limits the trials its searcher creates, but ``Tuner.restore``
+    queues every unfinished and errored trial at once, and a trial's Train workers hold resources
+    Tune does not count. So a resumed sweep with more trials to resume than its concurrency would
+    start them all together: more workers than the cluster was sized for and, on a small one,
+    trials waiting on each other's CPUs for ever. A trial added while ``spec.max_concurrent``
+    others are pending or running is held (PAUSED, which Tune starts only when the scheduler picks
+    it); held trials start in start order as running ones end.
+    """
+
+    spec: SweepSpec
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        limit = self.spec.max_concurrent
+        busy = sum(t.status in (Trial.PENDING, Trial.RUNNING)
+                   for t in tune_controller.get_trials() if t is not trial)
+        if limit and trial.status == Trial.PENDING and busy >= limit:
+            trial.set_status(Trial.PAUSED)  # before Tune files it under its status
+            self._held().add(trial.trial_id)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        trials = tune_controller.get_trials()
+        held = sorted((t for t in trials if t.trial_id in self._held()
+                       and t.status == Trial.PAUSED), key=trial_name)
+        busy = sum(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials)
+        if held and busy < (self.spec.max_concurrent or busy + 1):
+            self._held().discard(held[0].trial_id)
+            return held[0]
+        choice = super().choose_trial_to_run(tune_controller)
+        return None if choice is not None and choice.trial_id in self._held() else choice
+
+    def _held(self) -> set[str]:
+        # Set on first use: a scheduler unpickled from a sweep started before the gate has none.
+        if not hasattr(self, "_held_ids"):
+            self._held_ids: set[str] = set()
+        return self._held_ids
+
+
+class SweepFIFO(_ConcurrencyGate, FIFOScheduler):
+    """Tune's first-in-first-out scheduler (no early stopping) within the sweep's concurrency."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+
+class SweepASHA(_ConcurrencyGate, ASHAScheduler):
     """ASHA on evaluation rounds that survives a resume.
 
     Tune does not save its scheduler's state, so after ``Tuner.restore`` the rungs would start
@@ -204,6 +254,8 @@ class SweepASHA(ASHAScheduler):
       the trials started, exactly as ASHA judges a new result. A trial stopped this way gets its
       stop marker and reports its last evaluation without training again; otherwise it resumes,
       to be judged at the rungs it has not reached.
+
+    Restored trials past the sweep's concurrency wait their turn (see :class:`_ConcurrencyGate`).
     """
 
     def __init__(self, spec: SweepSpec) -> None:
@@ -302,7 +354,7 @@ def build_tuner(spec: SweepSpec, info: Any, max_concurrent: int) -> tune.Tuner:
     """A new ``Tuner``: Optuna TPE (seeded) maximising mIoU, ASHA on evaluation rounds or FIFO."""
     from ray.tune.search.optuna import OptunaSearch
 
-    scheduler = None
+    scheduler: FIFOScheduler = SweepFIFO(spec)
     if spec.scheduler == "asha" and spec.grace_period < spec.rounds:
         scheduler = SweepASHA(spec)
     path, fs = _tune_storage(spec)
