@@ -1,6 +1,7 @@
 """Object storage end to end against a real S3-compatible HTTP server (moto's server mode on
 127.0.0.1): prepare a dataset to ``s3://``, train from it with checkpoints and report on S3,
-evaluate from it, resume; integrity (changed shards, interrupted writes) and no leaked credential.
+evaluate from it, resume; a sweep with its folder on S3; integrity (changed shards, interrupted
+writes) and no leaked credential.
 
 The jobs run as subprocesses whose only route to the bucket is the standard AWS environment; the
 Ray workers of the training job (decode tasks reading shards, the Train worker writing the run
@@ -9,6 +10,8 @@ folder) inherit it from the driver, which the successful run on S3 demonstrates.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 
@@ -175,3 +178,35 @@ def test_train_evaluate_resume_on_s3(s3, dataset, changed, tmp_path):
     for key in s3.keys("runs/") + s3.keys("eval/"):
         body = s3.get(key)
         assert not any(s.encode() in body for s in secrets), key
+
+
+@pytest.mark.cluster
+def test_sweep_on_s3(s3, dataset, tmp_path):
+    env = job_env(tmp_path, **s3.env)
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: choice, values: [1.0e-7, 3.0e-3]}\n")
+    where = ["--storage", "s3://bucket/sweeps", "--name", "s3sw", "--metrics-port", "0"]
+    first = run_job("tune.py", "--method", "supervised", "--data", dataset, "--samples", "2",
+                    "--max-concurrent", "1", "--space", str(tmp_path / "space.yaml"), "--steps",
+                    "4", "--eval-every", "2", "--set", "model.decoder_channels=16", "--seed", "1",
+                    *where, env=env, timeout=600)
+    assert "-> s3://bucket/sweeps/s3sw" in first.stdout and "best trial" in first.stdout
+    keys = s3.keys("sweeps/s3sw/")
+    for name in ("sweep.yaml", "trials.csv", "trials.md", "report.html", "best.yaml"):
+        assert f"sweeps/s3sw/{name}" in keys, name
+    assert any(k.startswith("sweeps/s3sw/tune/experiment_state-") for k in keys)  # Tune's state
+    rows = list(csv.DictReader(io.StringIO(s3.get("sweeps/s3sw/trials.csv").decode())))
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"finished", "stopped"}, rows
+    for r in rows:  # each trial's Train run, and ASHA's judgement at its rung (round 1)
+        run = f"sweeps/s3sw/trials/{r['trial']}/"
+        assert r["run"] == "s3://bucket/" + run.rstrip("/")
+        assert {run + "metrics.jsonl", run + "step_0000002/state.pt"} <= set(keys), r
+        assert set(json.loads(s3.get(run + "asha_rungs.json"))) == {"1"}
+
+    # Resuming the finished sweep from S3 keeps both trials as they were.
+    again = run_job("tune.py", "--resume", *where, env=env, timeout=600)
+    assert "resuming sweep s3sw: 2 trials of supervised" in again.stdout
+    assert list(csv.DictReader(io.StringIO(s3.get("sweeps/s3sw/trials.csv").decode()))) == rows
+    secrets = (s3.secret, s3.env["AWS_ACCESS_KEY_ID"])
+    assert not any(s in proc.stdout for s in secrets for proc in (first, again))
+    for key in s3.keys("sweeps/"):
+        assert not any(s.encode() in s3.get(key) for s in secrets), key
