@@ -317,7 +317,7 @@ def _trial(name: str, status: str):
 
 
 def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
-    from segray.sweep.runner import SweepASHA
+    from segray.sweep.schedulers import SweepASHA
 
     # 3 rounds: rungs at rounds 1 and 2 (floats, as the CLI's reduction factor makes them).
     spec = dataclasses.replace(_spec(tmp_path), reduction_factor=2.0)
@@ -369,7 +369,7 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
 
 @pytest.mark.parametrize("scheduler", ["asha", "none"])
 def test_a_resumed_sweep_starts_no_more_trials_than_its_concurrency(tmp_path, scheduler):
-    from segray.sweep.runner import SweepASHA, SweepFIFO
+    from segray.sweep.schedulers import SweepASHA, SweepFIFO
 
     spec = dataclasses.replace(_spec(tmp_path), max_concurrent=2)
     gate = SweepASHA(spec) if scheduler == "asha" else SweepFIFO(spec)
