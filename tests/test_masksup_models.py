@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import yaml
-from test_masksup import _batch
+from test_masksup import _batch, _one_thread  # noqa: F401 - its autouse fixture applies here too
 
 from methods.base import MethodContext
 from methods.masksup import (
@@ -24,15 +24,6 @@ from methods.masksup import (
 )
 
 PRESETS = Path(__file__).resolve().parents[1] / "methods" / "presets" / "masksup"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # As in test_masksup.py: tiny convolutions are faster on one thread on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- models
