@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -338,6 +339,11 @@ def test_asha_rebuilds_its_rungs_on_resume(tmp_path, capsys):
               _trial("trial_007_g", "PENDING")]
     asha = SweepASHA(spec)
     asha.set_search_properties(METRIC, "max")
+    # Tune restores the scheduler pickled when the sweep started, maybe by an earlier SweepASHA
+    # without the attributes added since.
+    for name in ("_unjudged", "_written", "_held_ids"):
+        delattr(asha, name)
+    asha = pickle.loads(pickle.dumps(asha))
     controller = _Controller(trials)
     for trial in trials:  # as Tuner.restore adds them
         asha.on_trial_add(controller, trial)

@@ -48,6 +48,7 @@ class _ConcurrencyGate:
     """
 
     spec: SweepSpec
+    _held_ids: set[str]  # trial ids held back (PAUSED by this gate)
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -56,24 +57,18 @@ class _ConcurrencyGate:
                    for t in tune_controller.get_trials() if t is not trial)
         if limit and trial.status == Trial.PENDING and busy >= limit:
             trial.set_status(Trial.PAUSED)  # before Tune files it under its status
-            self._held().add(trial.trial_id)
+            self._held_ids.add(trial.trial_id)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Any:
         trials = tune_controller.get_trials()
-        held = sorted((t for t in trials if t.trial_id in self._held()
+        held = sorted((t for t in trials if t.trial_id in self._held_ids
                        and t.status == Trial.PAUSED), key=trial_name)
         busy = sum(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials)
         if held and busy < (self.spec.max_concurrent or busy + 1):
-            self._held().discard(held[0].trial_id)
+            self._held_ids.discard(held[0].trial_id)
             return held[0]
         choice = super().choose_trial_to_run(tune_controller)
-        return None if choice is not None and choice.trial_id in self._held() else choice
-
-    def _held(self) -> set[str]:
-        # Set on first use: a scheduler unpickled from a sweep started before the gate has none.
-        if not hasattr(self, "_held_ids"):
-            self._held_ids: set[str] = set()
-        return self._held_ids
+        return None if choice is not None and choice.trial_id in self._held_ids else choice
 
 
 class SweepFIFO(_ConcurrencyGate, FIFOScheduler):
@@ -82,6 +77,7 @@ class SweepFIFO(_ConcurrencyGate, FIFOScheduler):
     def __init__(self, spec: SweepSpec) -> None:
         super().__init__()
         self.spec = spec
+        self._held_ids = set()
 
 
 class SweepASHA(_ConcurrencyGate, ASHAScheduler):
@@ -114,6 +110,12 @@ class SweepASHA(_ConcurrencyGate, ASHAScheduler):
         self.spec = spec
         self._unjudged: list[tuple[Any, list[tuple[int, float, int]]]] = []
         self._written: dict[str, dict[float, float]] = {}  # trial id -> what its file holds
+        self._held_ids = set()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune restores the scheduler pickled when the sweep started, perhaps by an earlier
+        # segray whose SweepASHA had fewer attributes.
+        self.__dict__.update({"_unjudged": [], "_written": {}, "_held_ids": set(), **state})
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
