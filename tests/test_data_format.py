@@ -281,6 +281,39 @@ def test_random_scale_crop_matches_whole_image_resize_then_crop():
         assert (out_img[ch:] == 0).all() and (out_img[:, cw:] == 0).all()
 
 
+def _cv2_linear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2 ``INTER_LINEAR`` (mmcv's image resize): 2x2 taps at ``(dst + 0.5) * scale - 0.5``,
+    coordinates clamped at the borders."""
+    def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+        lo = np.floor(f).astype(int)
+        frac = f - lo
+        frac[lo < 0], lo[lo < 0] = 0.0, 0
+        frac[lo >= n_in - 1], lo[lo >= n_in - 1] = 0.0, n_in - 1
+        return lo, np.minimum(lo + 1, n_in - 1), frac
+
+    (y0, y1, fy), (x0, x1, fx) = taps(size[0], image.shape[0]), taps(size[1], image.shape[1])
+    src, fx = image.astype(np.float64), fx[None, :, None]
+    top = src[y0][:, x0] * (1 - fx) + src[y0][:, x1] * fx
+    bottom = src[y1][:, x0] * (1 - fx) + src[y1][:, x1] * fx
+    return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+def test_random_scale_crop_samples_like_cv2_when_enlarging():
+    """At ratios >= 1 the image pixels are mmcv's (cv2 bilinear) within one grey level, borders
+    included; below 1 Pillow antialiases, which the docstring states."""
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        h, w = (int(v) for v in rng.integers(8, 60, size=2))
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        out, _ = random_scale_crop(image, None, (2 * h + 3, 2 * w + 3), (1.0, 2.0),
+                                   rng=np.random.default_rng(i))
+        factor = np.random.default_rng(i).uniform(1.0, 2.0)
+        size = (int(h * factor + 0.5), int(w * factor + 0.5))  # all of it fits the crop
+        diff = np.abs(out[:size[0], :size[1]].astype(float) - _cv2_linear(image, size))
+        assert diff.max() <= 1.0 + 1e-9, (h, w, factor, diff.max())
+
+
 def test_cat_max_ratio_prefers_mixed_crops():
     image = np.zeros((100, 100, 3), np.uint8)
     mask = np.zeros((100, 100), np.uint8)

@@ -123,7 +123,11 @@ def random_scale_crop(
     The image is rescaled by a ratio drawn uniformly from ``scale_range`` keeping its aspect
     (bilinear for the image, nearest for the mask), a ``crop``-sized window is drawn uniformly,
     and what falls outside the rescaled image is padded at the bottom/right with 0 (image) and
-    ``ignore_index`` (mask). With ``cat_max_ratio < 1`` up to 10 windows are tried until no single
+    ``ignore_index`` (mask). The image is resampled by Pillow, whose bilinear filter widens when
+    shrinking (antialiased); mmcv's cv2 ``INTER_LINEAR`` samples 2x2 pixels at any ratio. The two
+    agree within one grey level at ratios >= 1; below 1 they agree within a few levels on smooth
+    content, Pillow's being the blurrier on fine detail, and the exact cv2 sampling in Pillow
+    (``Image.transform``) would cost 380 µs per 128x128 crop against 60-370 µs. With ``cat_max_ratio < 1`` up to 10 windows are tried until no single
     class covers more than that share of the labelled pixels (and at least two classes are seen).
 
     Args:
