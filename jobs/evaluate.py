@@ -1,11 +1,14 @@
 """Evaluate a checkpoint on a dataset split: metrics JSON + prediction overlays.
 
 ``python jobs/evaluate.py --checkpoint RUN/step_0000300 [--data URI] [--split val]
-[--mode whole|slide --crop 512 512 --stride 341 341] [--tta] [--out DIR]``
+[--mode whole|slide --crop 512 512 --stride 341 341] [--tta | --no-tta] [--out DIR]``
+
+Options left out keep the checkpoint's own ``eval`` settings.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -21,12 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["whole", "slide"], default=None)
     p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--stride", type=int, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="multi-scale + flip test-time augmentation on or off "
+                        "(default: the checkpoint's eval.tta)")
     p.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"))
-    p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--images", type=int, default=8, help="overlays to save")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate at most N images (0: all)")
+    p.add_argument("--images", type=int, default=8, help="overlays to save (0: none)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval-<split>)")
     args = p.parse_args(argv)
+    for flag in ("max_images", "images"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
 
     from segray import storage
     from segray.data import BadSampleError, DatasetError
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     e = cfg.eval
     e.mode = args.mode or e.mode
     e.crop, e.stride = args.crop or e.crop, args.stride or e.stride
-    e.tta = args.tta or e.tta
+    e.tta = e.tta if args.tta is None else args.tta
     e.test_scale = args.test_scale or e.test_scale
     if e.mode == "slide" and not (e.crop and e.stride):
         fail_usage("--mode slide needs --crop H W and --stride H W (e.g. --crop 512 512 --stride 341 341)")

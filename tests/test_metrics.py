@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from methods.masksup.metrics import PaperMetric
+from segray.evaluation import EvalResult
 from segray.metrics import SegMetrics, intersect_and_union, metrics_from_state
 
 
@@ -199,31 +201,54 @@ def _rank_data(rank: int):
     return pred, label
 
 
-def _all_reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _all_reduce_worker(rank: int, world: int, init_file: str, out_dir: str,
+                       backend: str = "gloo") -> None:
+    """One rank: reduce the standard metrics and MaskSup's per-image metric as an evaluation does."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        m = SegMetrics(6)
-        m.update(*_rank_data(rank))
-        torch.save(m.all_reduce().state(), f"{out_dir}/rank{rank}.pt")
+        result = EvalResult(SegMetrics(6), PaperMetric(binary=False))
+        result.metrics.update(*_rank_data(rank))
+        result.extra.update(*_rank_data(rank))
+        result.all_reduce()
+        torch.save({"metrics": result.metrics.state(), "extra": result.extra.state()},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def _expected_states(world: int) -> dict[str, torch.Tensor]:
+    metrics, extra = SegMetrics(6), PaperMetric(binary=False)
+    for rank in range(world):
+        metrics.update(*_rank_data(rank))
+        extra.update(*_rank_data(rank))
+    return {"metrics": metrics.state(), "extra": extra.state()}
+
+
 def test_all_reduce_sums_over_gloo_group(tmp_path):
-    mp.spawn(
-        _all_reduce_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=True,
-    )
-    expected = SegMetrics(6)
+    mp.spawn(_all_reduce_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    expected = _expected_states(2)
     for rank in range(2):
-        expected.update(*_rank_data(rank))
-    for rank in range(2):
-        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected.state())
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["metrics"], expected["metrics"])
+        assert torch.allclose(got["extra"], expected["extra"]) and got["extra"][1] == 4
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="needs CUDA and NCCL")
+def test_all_reduce_on_an_nccl_group(tmp_path):
+    """NCCL reduces only CUDA tensors: every metric state, a method's own included, must be moved
+    there (a CPU tensor fails with 'No backend type associated with device type cpu')."""
+    mp.spawn(_all_reduce_worker, args=(1, str(tmp_path / "init"), str(tmp_path), "nccl"),
+             nprocs=1, join=True)
+    got, expected = torch.load(tmp_path / "rank0.pt", weights_only=True), _expected_states(1)
+    assert torch.equal(got["metrics"], expected["metrics"])
+    assert torch.allclose(got["extra"], expected["extra"]) and got["extra"].device.type == "cpu"

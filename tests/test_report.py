@@ -39,7 +39,8 @@ def test_finalize_writes_summary_and_curves(tmp_path):
     assert cost["wall_time_s"] == 30.0 and cost["resumes"] == 1
     assert cost["images_per_s"] == pytest.approx(30.0)  # steady state: the later half (1 of 3)
     assert (tmp_path / report.CURVES_FILE).read_bytes()[:4] == b"\x89PNG"
-    assert not (tmp_path / report.PREDICTIONS_FILE).exists()  # no samples kept
+    assert not (tmp_path / report.PREDICTIONS_FILE).exists()  # no samples kept, and the
+    assert "predictions" not in summary["report"]  # summary names no missing file
 
 
 def test_wall_time_needs_two_timed_entries(tmp_path):

@@ -88,6 +88,16 @@ def test_train_then_evaluate(tmp_path, small_dataset):
     assert metrics["metrics"]["mIoU"] == pytest.approx(summary["val"]["mIoU"], abs=1e-6)
     assert (tmp_path / "eval" / "overlays.png").is_file()
     assert '"mIoU"' in ev.stdout
+    # Again into the same folder, capped and with no overlays: the old overlays go with the old
+    # metrics, so nothing in the folder describes another evaluation.
+    run_job("evaluate.py", "--checkpoint", str(run / "step_0000020"), "--out",
+            str(tmp_path / "eval"), "--max-images", "5", "--images", "0", "--no-tta", env=env)
+    capped = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert capped["images"] == 5 and capped["eval"]["tta"] is False
+    assert not (tmp_path / "eval" / "overlays.png").exists()
+    bad = run_job("evaluate.py", "--checkpoint", str(run / "step_0000020"), "--images", "-1",
+                  env=env, check=False)
+    assert bad.returncode == 2 and "--images must be >= 0" in bad.stdout
     tta = run_job("evaluate.py", "--checkpoint", str(run / "step_0000020"), "--tta", "--out",
                   str(tmp_path / "eval_tta"), env=env)
     assert json.loads((tmp_path / "eval_tta" / "metrics.json").read_text())["eval"]["tta"] is True

@@ -26,7 +26,8 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from segray.metrics import all_reduce_sum
 
 BINARY_NAME = "paper_fg_iou_mean_per_image"
 MULTICLASS_NAME = "paper_micro_jaccard_mean_per_image"
@@ -125,16 +126,7 @@ class PaperMetric:
 
     def all_reduce(self) -> PaperMetric:
         """Sum the state over the default process group (no-op without one); returns ``self``."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
-        buf = self._state.to(device)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        self._state = buf.cpu()
+        self._state = all_reduce_sum(self._state)
         return self
 
     def compute(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 from segray.augment import normalize
 from segray.config import EvalConfig
 from segray.inference import segment
-from segray.metrics import SegMetrics
+from segray.metrics import SegMetrics, all_reduce_sum
 
 
 @dataclass
@@ -36,13 +36,15 @@ class EvalResult:
     images: int = 0
 
     def all_reduce(self) -> EvalResult:
-        """Sum every metric state over the process group (no-op without one)."""
+        """Sum every metric state over the process group (no-op without one).
+
+        A method's own metric needs only ``state()``, ``reset()`` and ``merge(state)``; the sum
+        runs on the device the group's backend reduces on (:func:`segray.metrics.all_reduce_sum`).
+        """
         self.metrics.all_reduce()
-        if self.extra is not None and torch.distributed.is_available() and \
-                torch.distributed.is_initialized():
-            state = self.extra.state().to(torch.float64)
-            torch.distributed.all_reduce(state)
-            self.extra.reset() if hasattr(self.extra, "reset") else None
+        if self.extra is not None:
+            state = all_reduce_sum(self.extra.state().to(torch.float64))
+            self.extra.reset()
             self.extra.merge(state)
         return self
 
@@ -70,7 +72,7 @@ def evaluate(
     device: torch.device,
     autocast: Any = None,
     keep: int = 0,
-    max_images: int = 0,
+    max_images: int | None = None,
 ) -> EvalResult:
     """Segment every row and accumulate metrics (no all-reduce; call :meth:`EvalResult.all_reduce`).
 
@@ -86,7 +88,8 @@ def evaluate(
         device: where to run.
         autocast: optional context-manager factory for mixed precision.
         keep: how many samples to keep for the report's prediction grid.
-        max_images: stop after this many images (0 = all).
+        max_images: evaluate at most this many images (None = all; 0 = none, for a worker whose
+            share of a capped evaluation is empty).
 
     Returns:
         The accumulated :class:`EvalResult`.
@@ -107,6 +110,8 @@ def evaluate(
     try:
         with torch.no_grad():
             for row in rows:
+                if max_images is not None and result.images >= max_images:
+                    break
                 image = torch.as_tensor(np.ascontiguousarray(row["image"]), device=device)
                 image = image.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8
                 target = torch.as_tensor(np.asarray(row["mask"]).astype(np.int64), device=device)
@@ -129,8 +134,6 @@ def evaluate(
                         pred.cpu().numpy().astype(np.int64),
                     ))
                 result.images += 1
-                if max_images and result.images >= max_images:
-                    break
     finally:
         model.train(was_training)
     return result
@@ -182,7 +185,9 @@ def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, spl
     """Evaluate on one split in this process and write ``metrics.json`` + ``overlays.png`` to ``out``.
 
     Every row is checked as in training (:func:`~segray.data.decode.validate_sample`). The files
-    are written once the rows are evaluated, so a bad row leaves nothing in ``out``.
+    are written once the rows are evaluated, so a bad row leaves ``out`` as it was, and
+    ``metrics.json`` is written last. ``overlays.png`` is removed when no image is kept
+    (``keep=0``), so it never shows an earlier evaluation.
 
     Raises:
         BadSampleError: a row is unlabelled, undecodable, of mismatched size or has labels
@@ -215,15 +220,20 @@ def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, spl
     result = evaluate(method, model, rows(), num_classes=info.num_classes,
                       ignore_index=info.ignore_index, eval_cfg=cfg.eval, mean=cfg.augment.mean,
                       std=cfg.augment.std, device=device, autocast=runtime.autocast, keep=keep,
-                      max_images=max_images)
+                      max_images=max_images or None)
     metrics = result.summary()
     summary = {"split": split, "dataset": info.uri, "images": result.images,
                "eval": {"mode": cfg.eval.mode, "tta": cfg.eval.tta},
                "metrics": {k[4:]: v for k, v in metrics.items()},
                "per_class": dict(zip(info.classes, metrics["val/IoU"]))}
+    # metrics.json last, so it is there only with its overlays; an earlier evaluation's overlays
+    # in the same folder would not match it.
+    overlays = storage.join(out, "overlays.png")
+    if result.samples:
+        storage.write_bytes(overlays, report.prediction_grid(result.samples, info.palette,
+                                                             info.ignore_index))
+    else:
+        storage.delete(overlays)
     storage.write_text(storage.join(out, "metrics.json"),
                        json.dumps(report.json_safe(summary), indent=2))
-    if result.samples:
-        storage.write_bytes(storage.join(out, "overlays.png"),
-                            report.prediction_grid(result.samples, info.palette, info.ignore_index))
     return summary

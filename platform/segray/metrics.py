@@ -155,6 +155,25 @@ def metrics_from_state(
     return out
 
 
+def all_reduce_sum(state: torch.Tensor) -> torch.Tensor:
+    """``state`` summed over the default process group, on ``state``'s device.
+
+    The sum runs where the group's backend can reduce: on the current CUDA device under NCCL
+    (which reduces only CUDA tensors), on the CPU under gloo. Without a group ``state`` comes back
+    as it is. Every metric state goes through here, so a method's own metric cannot pick the
+    wrong device.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return state
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    buf = state.to(device).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(state.device)
+
+
 class SegMetrics:
     """Accumulates per-class areas over batches and computes mIoU, mAcc, aAcc, mDice, F-score.
 
@@ -259,16 +278,7 @@ class SegMetrics:
         Returns:
             ``self``, for chaining.
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        # NCCL only reduces CUDA tensors; gloo wants CPU ones.
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        buf = self._state.to(device).clone()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        self._state = buf.to(self._state.device)
+        self._state = all_reduce_sum(self._state)
         return self
 
     def compute(self, nan_to_num: float | None = None, beta: float = 1.0) -> dict[str, Any]:

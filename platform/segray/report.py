@@ -181,14 +181,14 @@ def finalize(
         "bad_samples_skipped": int(metrics.get("data/bad_samples_skipped", 0)),
         "report": {
             "curves": storage.join(run_uri, CURVES_FILE),
-            "predictions": storage.join(run_uri, PREDICTIONS_FILE),
             "metrics": storage.join(run_uri, HISTORY_FILE),
             "config": storage.join(run_uri, CONFIG_FILE),
         },
     }
     storage.write_bytes(storage.join(run_uri, CURVES_FILE), plot_curves(history))
-    if result.samples:
-        storage.write_bytes(storage.join(run_uri, PREDICTIONS_FILE),
+    if result.samples:  # the summary names the grid only when there is one
+        summary["report"]["predictions"] = storage.join(run_uri, PREDICTIONS_FILE)
+        storage.write_bytes(summary["report"]["predictions"],
                             prediction_grid(result.samples, info.palette, info.ignore_index))
     storage.write_text(storage.join(run_uri, SUMMARY_FILE),
                        json.dumps(json_safe(summary), indent=2))

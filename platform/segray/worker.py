@@ -214,6 +214,17 @@ def _progress_line(entry: dict, total: int) -> str:
             f"data-wait {100 * entry['train/data_wait_share']:.0f}%")
 
 
+def eval_share(max_images: int, rank: int, world: int) -> int | None:
+    """This rank's part of ``train.eval_max_images`` (0 = the whole split: None).
+
+    The parts add up to the cap exactly: the first ``max_images % world`` ranks take one more,
+    and a rank whose part is 0 evaluates nothing (it still joins the all-reduce).
+    """
+    if not max_images:
+        return None
+    return max_images // world + (rank < max_images % world)
+
+
 def _evaluate(method: Any, runner: StepRunner, cfg: Config, info: Any, rank: int, world: int,
               keep: bool) -> Any:
     rows = eval_rows(ray.train.get_dataset_shard("val"), rank=rank, world=world)
@@ -222,7 +233,7 @@ def _evaluate(method: Any, runner: StepRunner, cfg: Config, info: Any, rank: int
         eval_cfg=cfg.eval, mean=cfg.augment.mean, std=cfg.augment.std,
         device=runner.runtime.device, autocast=runner.runtime.autocast,
         keep=cfg.train.report_images if keep and rank == 0 else 0,
-        max_images=(cfg.train.eval_max_images // world) if cfg.train.eval_max_images else 0,
+        max_images=eval_share(cfg.train.eval_max_images, rank, world),
     )
     return result.all_reduce()
 
