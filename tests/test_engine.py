@@ -169,3 +169,14 @@ def test_the_engine_never_names_a_method():
             if any(w.startswith(f"methods.{n}") or w == n for w in words for n in names):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_eval_cap_is_shared_exactly_over_workers():
+    from segray.worker import eval_share
+
+    assert eval_share(0, 0, 4) is None  # no cap: every worker evaluates its whole share
+    for n in (1, 3, 10, 16):
+        for world in (1, 2, 4, 8):
+            parts = [eval_share(n, rank, world) for rank in range(world)]
+            assert sum(parts) == n and max(parts) - min(parts) <= 1, (n, world, parts)
+    assert eval_share(3, 3, 4) == 0  # a cap below the worker count leaves a worker nothing
