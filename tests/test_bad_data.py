@@ -140,6 +140,15 @@ def test_structure_checks(tmp_path, good):
     assert e.value.key == train[2]["key"] and e.value.shard.endswith("train-00003.parquet")
     assert "also occurs in" in str(e.value) and "train-00000.parquet" in str(e.value)
     assert check_split(ds, "val", ["key", "image", "mask"]) == (set(), {})  # val is clean
+    # Skip mode leaves out the repeat by its row, so a key repeated in its own shard keeps its
+    # first row: shard 3 row 1 (in another shard), then shard 0 row 3 (in the same shard).
+    both = _write(tmp_path / "dup2", info, train, val)
+    _rewrite_shard(both, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
+    _rewrite_shard(both, "train-00000.parquet", lambda t: _set_key(t, 3, train[1]["key"]))
+    drop, skip_rows = check_split(open_dataset(str(both)), "train", ["key", "image", "mask"],
+                                  skip=True)
+    assert drop == set() and skip_rows == {str(both / "train-00000.parquet"): {3},
+                                           str(both / "train-00003.parquet"): {1}}
     # A training image that is also a validation image: both splits refuse it.
     _rewrite_shard(dst, "train-00003.parquet", lambda t: _set_key(t, 1, train[13]["key"]))
     _rewrite_shard(dst, "val-00000.parquet", lambda t: _set_key(t, 0, train[0]["key"]))
@@ -201,12 +210,12 @@ def ray_local():
     ray.shutdown()
 
 
-def _mixed(tmp_path: Path, good) -> tuple[Path, set[str], str]:
+def _mixed(tmp_path: Path, good) -> tuple[Path, set[str], list[str]]:
     """Every skippable case in one train split.
 
     Returns:
-        The dataset folder, the keys of the bad rows, and the key whose second occurrence (in
-        shard 2) is a duplicate.
+        The dataset folder, the keys of the bad rows, and the keys whose second occurrence is a
+        duplicate: one in another shard (shard 2), one in the same shard (shard 1).
     """
     info, train, val = good
     rows = [dict(r) for r in train]
@@ -217,8 +226,9 @@ def _mixed(tmp_path: Path, good) -> tuple[Path, set[str], str]:
     dst = _write(tmp_path, info, rows, val)
     _rewrite_shard(dst, "train-00003.parquet", _drop_mask)  # shard 3: rows 12..15
     _rewrite_shard(dst, "train-00002.parquet", lambda t: _set_key(t, 3, rows[0]["key"]))
+    _rewrite_shard(dst, "train-00001.parquet", lambda t: _set_key(t, 2, rows[4]["key"]))
     bad = {rows[1]["key"], rows[5]["key"], rows[9]["key"], *(r["key"] for r in rows[12:])}
-    return dst, bad, rows[0]["key"]
+    return dst, bad, [rows[0]["key"], rows[4]["key"]]
 
 
 @pytest.mark.cluster
@@ -236,7 +246,7 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
         assert found is not None and found.key == rows[i]["key"], case
         assert found.shard == str(Path(ds.uri) / "train-00001.parquet"), case
 
-    dst, bad, dup = _mixed(tmp_path / "mixed", good)
+    dst, bad, dups = _mixed(tmp_path / "mixed", good)
     ds = open_dataset(str(dst))
     with pytest.raises(DatasetError, match="train-00003.parquet: shard has no column"):
         train_dataset(ds, "train", crop=crop)  # structure problems stop before any Ray work
@@ -244,11 +254,12 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
     stream = train_dataset(ds, "train", crop=crop, on_bad_sample="skip", skip_counter=counter,
                            passes=2)
     kept = [r["key"] for r in stream.take_all()]
-    assert len(kept) == 2 * (16 - len(bad) - 1)  # each epoch: the good rows, the dup key once
-    assert not set(kept) & bad and kept.count(dup) == 2
-    assert counter.total == len(bad) + 1  # distinct rows, though 2 epochs met them
+    assert len(kept) == 2 * (16 - len(bad) - 2)  # each epoch: the good rows, each dup key once
+    assert not set(kept) & bad and all(kept.count(dup) == 2 for dup in dups)
+    assert counter.total == len(bad) + 2  # distinct rows, though 2 epochs met them
     reasons = {r["key"]: r["reason"] for r in counter.records()}
-    assert "duplicate key" in reasons[dup] and "no column(s) 'mask'" in reasons[train[12]["key"]]
+    assert all("duplicate key" in reasons[dup] for dup in dups)
+    assert "no column(s) 'mask'" in reasons[train[12]["key"]]
     # Evaluation never skips: a broken val split fails even in skip mode.
     assert len(eval_dataset(ds, "val").take_all()) == 4
 

@@ -97,32 +97,32 @@ def _scan_one(info: DatasetInfo, split: str, shard: ShardInfo) -> ShardScan:
     return scan
 
 
-def duplicate_keys(scans: list[ShardScan]) -> list[tuple[str, str, str]]:
+def duplicate_keys(scans: list[ShardScan]) -> list[tuple[str, str, str, int]]:
     """Keys that occur more than once, in scan order.
 
     Returns:
-        ``(key, first_shard, repeat_shard)`` for every occurrence after the first (both shards
-        may be the same file).
+        ``(key, first_shard, repeat_shard, repeat_row)`` for every occurrence after the first:
+        ``repeat_row`` is the repeat's row number in its shard (both shards may be the same file).
 
     Example:
         >>> a = ShardScan("a.parquet", "train", ("key",), ("x", "y"), 2)
         >>> b = ShardScan("b.parquet", "val", ("key",), ("y",), 1)
         >>> duplicate_keys([a, b])
-        [('y', 'a.parquet', 'b.parquet')]
+        [('y', 'a.parquet', 'b.parquet', 0)]
     """
     first: dict[str, str] = {}
     out = []
     for scan in scans:
-        for key in scan.keys:
+        for row, key in enumerate(scan.keys):
             if key in first:
-                out.append((key, first[key], scan.uri))
+                out.append((key, first[key], scan.uri, row))
             else:
                 first[key] = scan.uri
     return out
 
 
 def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: bool = False,
-                counter: SkipCounter | None = None) -> tuple[set[str], dict[str, frozenset[str]]]:
+                counter: SkipCounter | None = None) -> tuple[set[str], dict[str, frozenset[int]]]:
     """Check the shards of ``split`` before streaming them: columns present, keys unique.
 
     Reads only shard footers and ``key`` columns (see :func:`scan_shards`).
@@ -139,8 +139,9 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
         counter: where skipped rows are counted.
 
     Returns:
-        ``(shards_to_drop, keys_to_skip)``: shard URIs to leave out entirely, and per shard URI
-        the keys to leave out.
+        ``(shards_to_drop, rows_to_skip)``: shard URIs to leave out entirely, and per shard URI
+        the row numbers to leave out (rows, not keys: a key repeated within one shard keeps its
+        first row).
 
     Raises:
         ValueError: a shard lacks a column, or a key repeats (names shard, key and fix); also a
@@ -148,7 +149,7 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
     """
     scans = scan_shards(info)
     drop: set[str] = set()
-    exclude: dict[str, set[str]] = {}
+    exclude: dict[str, set[int]] = {}
     skipped: list[BadSampleError] = []
     for scan in scans:
         missing = [c for c in columns if c not in scan.columns]
@@ -163,7 +164,7 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
         skipped += [BadSampleError(scan.uri, k, reason)
                     for k in scan.keys or [f"<row {i}>" for i in range(scan.rows)]]
     ours = {scan.uri for scan in scans if scan.split == split}
-    for key, first, repeat in duplicate_keys(scans):
+    for key, first, repeat, row in duplicate_keys(scans):
         if first not in ours and repeat not in ours:
             continue  # another split's problem, reported when that split is streamed
         reason = (f"duplicate key: {key!r} also occurs in {first}; keys must be unique across "
@@ -171,8 +172,8 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
         if not skip:
             raise BadSampleError(repeat, key, reason)
         if repeat in ours and repeat not in drop:
-            exclude.setdefault(repeat, set()).add(key)
+            exclude.setdefault(repeat, set()).add(row)
             skipped.append(BadSampleError(repeat, key, reason))
     for error in skipped:
         count_skip(error, counter, info.name, split)
-    return drop, {uri: frozenset(keys) for uri, keys in exclude.items()}
+    return drop, {uri: frozenset(rows) for uri, rows in exclude.items()}

@@ -121,11 +121,11 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                  copy: int,
                  counter: SkipCounter | None, dataset: str, split: str,
                  mask_dtype: type, scheme: str,
-                 exclude: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+                 exclude: frozenset[int] = frozenset()) -> dict[str, np.ndarray]:
     execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
     keys, images, masks, labels = [], [], [], []
     for i, key in enumerate(batch["key"]):
-        if key in exclude:  # found and counted when the stream was built
+        if exclude and int(batch["row"][i]) in exclude:  # counted when the stream was built
             continue
         shard = scheme + str(batch["path"][i])
         try:
@@ -260,23 +260,27 @@ def _one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 def _shard_batches(uri: str, shard: ShardInfo, split: str, columns: list[str],
                    rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """The rows of one shard, ``rows`` at a time, as NumPy columns plus ``path`` (the shard).
+    """The rows of one shard, ``rows`` at a time, as NumPy columns plus ``path`` (the shard) and
+    ``row`` (each row's number in the shard).
 
     The shard is fetched whole (one GET on S3, rather than one per row group) and checked against
     the manifest before any row is used; a decode task holds one shard in memory.
     """
     data = storage.read_bytes(uri)
     check_shard_bytes(data, uri, shard, split)
+    start = 0
     for record_batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=rows,
                                                                           columns=columns):
         batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False)
                  for name in columns}
         batch["path"] = np.full(record_batch.num_rows, uri, dtype=object)
+        batch["row"] = np.arange(start, start + record_batch.num_rows)
+        start += record_batch.num_rows
         yield batch
 
 
 def _train_shard(items: dict[str, np.ndarray], *, columns: list[str], rows: int,
-                 shards: dict[str, ShardInfo], split: str, exclude: dict[str, frozenset[str]],
+                 shards: dict[str, ShardInfo], split: str, exclude: dict[str, frozenset[int]],
                  kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     """Read one shard (a work item) and yield decoded, cropped batches of ``rows`` rows."""
     for uri, copy in zip(items["uri"], items["copy"]):
