@@ -26,7 +26,7 @@ from segray.data.preflight import check_split
 from segray.data.shards import DatasetWriter, encode_mask_png
 from segray.data.stream import iter_rows
 from segray.data.synthetic import make_synthetic
-from segray.worker import bad_sample_in, run_worker
+from segray.worker import data_error_in, run_worker
 
 NUM_CLASSES = 6  # the synthetic set's classes
 TRAIN = ["--method", "supervised", "--steps", "4", "--eval-every", "4", "--batch-size", "4",
@@ -242,7 +242,7 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
         with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
             train_dataset(ds, "train", crop=crop).take_all()
         assert rows[i]["key"] in str(e.value) and "train-00001.parquet" in str(e.value), case
-        found = bad_sample_in(e.value)  # what a training worker records to stop the run
+        found = data_error_in(e.value)  # what a training worker records to stop the run
         assert found is not None and found.key == rows[i]["key"], case
         assert found.shard == str(Path(ds.uri) / "train-00001.parquet"), case
 
@@ -260,8 +260,53 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
     reasons = {r["key"]: r["reason"] for r in counter.records()}
     assert all("duplicate key" in reasons[dup] for dup in dups)
     assert "no column(s) 'mask'" in reasons[train[12]["key"]]
-    # Evaluation never skips: a broken val split fails even in skip mode.
+    # Evaluation never skips (it takes no on_bad_sample): a bad val row fails the val stream.
     assert len(eval_dataset(ds, "val").take_all()) == 4
+    rows, i = _row_variants(val, row=2)["label_range"]
+    broken = open_dataset(str(_write(tmp_path / "bad-val", info, train, rows)))
+    with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
+        eval_dataset(broken, "val").take_all()
+    assert f"bad sample '{rows[i]['key']}' in shard" in str(e.value)
+    assert "val-00000.parquet" in str(e.value)
+
+
+def _flip_a_byte(shard: Path) -> None:
+    """Change a shard in place, keeping its size (the manifest's checksum no longer matches)."""
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.cluster
+def test_a_changed_shard_is_recorded_like_a_bad_row(ray_local, tmp_path, good):
+    """A shard changed at the same size passes the footer scan and fails in a decode task; the
+    worker records it as it does a bad row, so a retry fails at once instead of re-reading."""
+    from segray.data.stream import train_dataset
+    from segray.report import read_data_error, write_data_error
+
+    info, train, val = good
+    dst = _write(tmp_path / "changed", info, train, val)
+    _flip_a_byte(dst / "train-00001.parquet")
+    with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
+        train_dataset(open_dataset(str(dst)), "train", crop=(24, 24),
+                      on_bad_sample="skip").take_all()  # a shard is not a row: never skipped
+    found = data_error_in(e.value)
+    assert isinstance(found, DatasetError)
+    assert f"shard {dst / 'train-00001.parquet'} of split 'train' does not match" in str(found)
+    write_data_error(str(tmp_path / "run"), found)
+    recorded = read_data_error(str(tmp_path / "run"))
+    assert isinstance(recorded, DatasetError) and str(recorded) == str(found)
+    with pytest.raises(DatasetError, match="does not match its manifest"):
+        run_worker({"run_uri": str(tmp_path / "run")})
+    # A shard deleted after the stream was built is a bad shard too, not a crash.
+    gone = _write(tmp_path / "gone", info, train, val)
+    stream = train_dataset(open_dataset(str(gone)), "train", crop=(24, 24))
+    (gone / "train-00002.parquet").unlink()
+    with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
+        stream.take_all()
+    assert isinstance(data_error_in(e.value), DatasetError)
+    assert (f"shard {gone / 'train-00002.parquet'} of split 'train' is listed by the manifest "
+            "but is gone") in str(e.value)
 
 
 def test_worker_fails_fast_on_a_recorded_bad_row(tmp_path):
@@ -336,6 +381,15 @@ def test_train_job_stops_on_bad_data(tmp_path, good):
     assert not (tmp_path / "sweeps" / "sw" / "sweep.yaml").exists()
     assert not list((tmp_path / "sweeps").rglob("trial_*"))
 
+    changed = _write(tmp_path / "changed", info, train, val)
+    _flip_a_byte(changed / "train-00001.parquet")
+    proc = run_job("train.py", *TRAIN, "--data", str(changed), "--name", "c", "--storage",
+                   str(runs), "--set", "train.max_failures=1", env=env, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: shard {changed / 'train-00001.parquet'} of split 'train' does not match its "
+            "manifest" in proc.stdout)
+    assert "re-create the dataset and re-run the same command to resume" in proc.stdout
+
     empty = _write(tmp_path / "empty", info, train, val)
     manifest = json.loads((empty / "dataset.json").read_text())
     manifest["splits"]["val"][0]["rows"] = 0
@@ -354,9 +408,9 @@ def test_train_job_skips_and_counts(tmp_path, good):
     assert "validation mIoU" in proc.stdout
     run = runs / "skip"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["bad_samples_skipped"] == len(bad) + 1  # + the duplicate
+    assert summary["bad_samples_skipped"] == len(bad) + 2  # + the two duplicates
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["data/bad_samples_skipped"] for h in history if "val/mIoU" in h] == [len(bad) + 1]
+    assert [h["data/bad_samples_skipped"] for h in history if "val/mIoU" in h] == [len(bad) + 2]
 
     # Evaluation never skips: each bad val row stops jobs/evaluate.py (exit 2), naming shard and
     # key, before anything is written.

@@ -101,9 +101,12 @@ def test_unlabeled_stream(ray_local, synth):
     batch = train_dataset(synth, "unlabeled", crop=CROP, labeled=False).take_batch(6)
     assert batch["image"].shape == (6, *CROP, 3) and (batch["mask"] == 255).all()
     assert batch["labels"].shape == (6, synth.num_classes) and batch["labels"].sum() == 0
-    rows = eval_dataset(synth, "unlabeled").take_batch(2)  # no masks: evaluated as all-ignore
+    rows = eval_dataset(synth, "unlabeled", labeled=False).take_batch(2)  # all-ignore masks
     assert all((m == 255).all() and m.shape == im.shape[:2]
                for m, im in zip(rows["mask"], rows["image"], strict=True))
+    with pytest.raises(Exception, match=r"shard .*unlabeled-00000\.parquet: no mask, but "  # noqa: B017
+                                        r"evaluation needs labelled rows"):
+        eval_dataset(synth, "unlabeled").take_batch(2)  # never scored as all-ignore by mistake
 
 
 def test_eval_stream_full_size(ray_local, synth):

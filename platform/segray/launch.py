@@ -223,10 +223,9 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
         recorded = report.read_data_error(run_uri)
         if recorded is None:
             raise
-        raise UsageError(f"{recorded}; the run stopped there and keeps its "
-                         "checkpoints: fix the row (re-create the dataset) and re-run the same "
-                         "command to resume, or add --set data.on_bad_sample=skip to skip and "
-                         "count such rows") from None
+        advice = report.data_error_advice(recorded, "re-run the same command to resume")
+        raise UsageError(f"{recorded}; the run stopped there and keeps its checkpoints: "
+                         f"{advice}") from None
     return result.return_value or report.read_summary(run_uri)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from segray import storage
 from segray.data.decode import BadSampleError
+from segray.data.manifest import DatasetError
 
 HISTORY_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -33,23 +34,41 @@ def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
     storage.write_text(storage.join(run_uri, HISTORY_FILE), lines)
 
 
-def write_data_error(run_uri: str, error: BadSampleError) -> None:
-    """Record the bad row a worker met while streaming (``data_error.json``: shard, key, reason)."""
-    record = {"shard": error.shard, "key": error.key, "reason": error.reason}
+def write_data_error(run_uri: str, error: BadSampleError | DatasetError) -> None:
+    """Record the bad data a worker met while streaming (``data_error.json``): a bad row (shard,
+    key, reason) or a bad shard (the :class:`DatasetError`'s message, which names it)."""
+    record = ({"shard": error.shard, "key": error.key, "reason": error.reason}
+              if isinstance(error, BadSampleError) else {"dataset_error": str(error)})
     storage.write_text(storage.join(run_uri, DATA_ERROR_FILE), json.dumps(record) + "\n")
 
 
-def read_data_error(run_uri: str) -> BadSampleError | None:
-    """The recorded bad row, or None if the run met none."""
+def read_data_error(run_uri: str) -> BadSampleError | DatasetError | None:
+    """The recorded bad row or shard, or None if the run met none."""
     try:
         record = json.loads(storage.read_text(storage.join(run_uri, DATA_ERROR_FILE)))
     except FileNotFoundError:
         return None
+    if "dataset_error" in record:
+        return DatasetError(record["dataset_error"])
     return BadSampleError(record["shard"], record["key"], record["reason"])
 
 
+def data_error_advice(error: BadSampleError | DatasetError, resume: str,
+                      skip: str = "add --set data.on_bad_sample=skip") -> str:
+    """What to do about recorded bad data: ``resume`` says how to continue once it is fixed,
+    ``skip`` how to skip such rows instead.
+
+    A bad row can be skipped; a shard that differs from its manifest cannot, so its dataset must
+    be re-created.
+    """
+    if isinstance(error, BadSampleError):
+        return (f"fix the row (re-create the dataset) and {resume}, or {skip} to skip and count "
+                "such rows")
+    return f"re-create the dataset and {resume}"
+
+
 def clear_data_error(run_uri: str) -> None:
-    """Forget a recorded bad row (a new attempt may read fixed data, or skip bad rows)."""
+    """Forget recorded bad data (a new attempt may read fixed data, or skip bad rows)."""
     storage.delete(storage.join(run_uri, DATA_ERROR_FILE))
 
 

@@ -23,7 +23,7 @@ import torch
 from segray import report, storage
 from segray.checkpoint import checkpoint_name, load_state
 from segray.config import Config
-from segray.data import BadSampleError, eval_rows, train_collate
+from segray.data import BadSampleError, DatasetError, eval_rows, train_collate
 from segray.engine import StepRunner, endless, save_checkpoint, setup_worker, to_floats
 from segray.evaluation import evaluate
 from segray.runtime import cpu_threads, seed_everything
@@ -35,6 +35,7 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     Raises:
         BadSampleError: a bad row stopped the run (now or in an earlier attempt of this fit).
+        DatasetError: so did a shard that differs from its manifest.
     """
     run_uri: str = loop_config["run_uri"]
     recorded = report.read_data_error(run_uri)
@@ -43,14 +44,15 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         return _train(loop_config)
     except Exception as e:
-        bad = bad_sample_in(e)
+        bad = data_error_in(e)
         if bad is not None:
             report.write_data_error(run_uri, bad)
         raise
 
 
-def bad_sample_in(error: BaseException) -> BadSampleError | None:
-    """The :class:`BadSampleError` behind ``error``, if any.
+def data_error_in(error: BaseException) -> BadSampleError | DatasetError | None:
+    """The bad row (:class:`BadSampleError`) or bad shard (:class:`DatasetError`) behind
+    ``error``, if any: input errors that a retry would only meet again.
 
     Ray re-raises a decode task's error as ``RayTaskError(BadSampleError)``, whose ``cause`` is
     the original (with its shard, key and reason); other code may chain it as ``__cause__``.
@@ -59,9 +61,9 @@ def bad_sample_in(error: BaseException) -> BadSampleError | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         cause = getattr(error, "cause", None)
-        if isinstance(cause, BadSampleError):
+        if isinstance(cause, BadSampleError | DatasetError):
             return cause
-        if type(error) is BadSampleError:
+        if type(error) in (BadSampleError, DatasetError):
             return error
         error = error.__cause__ or error.__context__
     return None

@@ -266,7 +266,11 @@ def _shard_batches(uri: str, shard: ShardInfo, split: str, columns: list[str],
     The shard is fetched whole (one GET on S3, rather than one per row group) and checked against
     the manifest before any row is used; a decode task holds one shard in memory.
     """
-    data = storage.read_bytes(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:  # it was there when the stream was built
+        raise DatasetError(f"shard {uri} of split {split!r} is listed by the manifest but is "
+                           "gone; re-create the dataset") from e
     check_shard_bytes(data, uri, shard, split)
     start = 0
     for record_batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=rows,
@@ -291,24 +295,30 @@ def _train_shard(items: dict[str, np.ndarray], *, columns: list[str], rows: int,
 
 
 def _eval_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index: int,
-                mask_dtype: type, scheme: str) -> dict[str, np.ndarray]:
+                mask_dtype: type, scheme: str, labeled: bool) -> dict[str, np.ndarray]:
     n = len(batch["key"])
     images, masks = np.empty(n, dtype=object), np.empty(n, dtype=object)
     for i, key in enumerate(batch["key"]):
+        shard = scheme + str(batch["path"][i])
+        if labeled and batch["mask"][i] is None:
+            raise BadSampleError(shard, key, "no mask, but evaluation needs labelled rows (is "
+                                             "data.val_split an unlabelled split?)")
         image, mask = validate_sample(batch["image"][i], batch["mask"][i],
                                       num_classes=num_classes, ignore_index=ignore_index,
-                                      shard=scheme + str(batch["path"][i]), key=key)
+                                      shard=shard, key=key)
         images[i] = image
         masks[i] = (np.full(image.shape[:2], ignore_index, mask_dtype) if mask is None
                     else mask.astype(mask_dtype, copy=False))
     return {"key": np.asarray(batch["key"], dtype=object), "image": images, "mask": masks}
 
 
-def eval_dataset(info: DatasetInfo, split: str, *, batch_size: int = 16) -> ray.data.Dataset:
+def eval_dataset(info: DatasetInfo, split: str, *, batch_size: int = 16,
+                 labeled: bool = True) -> ray.data.Dataset:
     """An evaluation stream: full-size decoded images, no augmentation, in shard order.
 
-    Bad rows always raise (an evaluation must never silently drop images). Unlabelled rows get
-    an all-ignore mask.
+    Bad rows always raise (an evaluation must never silently drop images), whatever
+    ``data.on_bad_sample`` says. A row without a mask is one of them unless ``labeled=False``
+    (prediction only), where it gets an all-ignore mask.
 
     Returns:
         A lazy Dataset with columns ``key``, ``image`` uint8 (H_i, W_i, 3) and ``mask`` (H_i, W_i).
@@ -322,7 +332,8 @@ def eval_dataset(info: DatasetInfo, split: str, *, batch_size: int = 16) -> ray.
         _eval_shard, batch_format="numpy", batch_size=1, udf_modifying_row_count=True,
         fn_kwargs={"rows": batch_size, "shards": shards, "split": split, "columns": columns,
                    "kwargs": {"num_classes": info.num_classes, "ignore_index": info.ignore_index,
-                              "mask_dtype": _mask_dtype(info), "scheme": ""}}))
+                              "mask_dtype": _mask_dtype(info), "scheme": "",
+                              "labeled": labeled}}))
 
 
 def _eval_shard(items: dict[str, np.ndarray], *, rows: int, shards: dict[str, ShardInfo],

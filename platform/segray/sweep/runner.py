@@ -266,11 +266,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
                     f"{str(r.error).strip().splitlines()[-1][:300]}")
         recorded = report.read_data_error(spec.root)
         if recorded is not None:
-            raise UsageError(f"{recorded}; the trials running then ended in error, and later ones "
-                             "at their start "
-                             f"(results so far: {spec.root}): fix the row (re-create the dataset) and add "
-                             "--resume to continue the sweep, or start a new sweep with --set "
-                             "data.on_bad_sample=skip to skip and count such rows")
+            advice = report.data_error_advice(
+                recorded, "add --resume to continue the sweep",
+                skip="start a new sweep with --set data.on_bad_sample=skip")
+            raise UsageError(f"{recorded}; the trials running then ended in error, and later "
+                             f"ones at their start (results so far: {spec.root}): {advice}")
         return SweepOutcome(rows=rows, best=results.best_row(rows), files=files,
                             max_concurrent=k)
     finally:

@@ -64,6 +64,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
         ConfigError: the sampled values make an invalid config (the trial errors).
         ray.train.TrainingFailedError: the Train run failed past ``train.max_failures``.
         BadSampleError: a trial of this sweep met a bad row; this one does not start.
+        DatasetError: a trial of this sweep met a shard that differs from its manifest.
     """
     import ray.data
 
@@ -146,7 +147,7 @@ def _fit_until_stopped(trainer: Any, name: str, marker: str, sweep_root: str,
             return
         recorded = report.read_data_error(sweep_root)
         if recorded is not None:
-            print(f"[segray] {name} stops: a trial of this sweep met a bad row")
+            print(f"[segray] {name} stops: a trial of this sweep met bad data")
             raise recorded
     if "error" in outcome:
         raise outcome["error"]
