@@ -72,6 +72,22 @@ def test_usage_errors_exit_2_without_traceback(tmp_path):
         (("synthetic", str(tmp_path / "s"), "--train", "0"), "train >= 1"),
         (("folder", str(_tree(tmp_path / "ok")), str(tmp_path / "d"), "--val-fraction", "0.1",
           "--split-file", "s.txt"), "not allowed with argument"),
+        # Option values are checked before any file is read: usage errors, not bad data.
+        (("folder", str(tmp_path / "ok"), str(tmp_path / "d"), "--val-fraction", "1.5"),
+         "argument --val-fraction: expected a number in [0, 1), got 1.5"),
+        (("folder", str(tmp_path / "ok"), str(tmp_path / "d"), "--rows-per-shard", "0"),
+         "argument --rows-per-shard: expected an integer >= 1, got 0"),
+        (("synthetic", str(tmp_path / "s"), "--rows-per-shard", "-3"), "expected an integer >= 1"),
+        (("glas", str(tmp_path), str(tmp_path / "d"), "--threshold", "300"),
+         "argument --threshold: threshold must be an int in 0..254"),
+        (("kvasir", str(tmp_path), str(tmp_path / "d"), "--threshold", "x"),
+         "argument --threshold: expected an int in 0..254, got 'x'"),
+        (("cityscapes", str(tmp_path), str(tmp_path / "d"), "--splits", "train,test"),
+         "argument --splits: unknown Cityscapes split(s) ['test']"),
+        (("voc", str(tmp_path), str(tmp_path / "d"), "--labeled-list", str(tmp_path / "no.txt")),
+         f"argument --labeled-list: no file at {tmp_path / 'no.txt'}"),
+        (("ade20k", str(tmp_path), str(tmp_path / "d"), "--workers", "0"),
+         "argument --workers: expected an integer >= 1, got 0"),
     ]:
         proc = _run(*args)
         assert proc.returncode == 2, (args, proc.stderr)

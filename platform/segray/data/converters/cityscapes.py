@@ -149,8 +149,18 @@ def convert_cityscapes(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--splits``."""
-    parser.add_argument("--splits", default="train,val",
+    parser.add_argument("--splits", type=_splits_arg, default=SPLITS,
                         help="comma-separated splits to convert (train, val)")
+
+
+def _splits_arg(text: str) -> tuple[str, ...]:
+    """argparse ``type`` for ``--splits`` (a bad value is a usage error, exit code 2)."""
+    splits = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise argparse.ArgumentTypeError(f"unknown Cityscapes split(s) {bad or text!r}; choose "
+                                         f"from {', '.join(SPLITS)} (test has no public labels)")
+    return splits
 
 
 def _convert(src: str, dst: str, args: Any) -> DatasetInfo:

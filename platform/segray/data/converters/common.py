@@ -90,11 +90,30 @@ def option(args: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer >= 1 (a bad value is a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """argparse ``type``: a file (path or ``s3://`` URI) that exists."""
+    if not storage.exists(text) or storage.is_dir(text):
+        raise argparse.ArgumentTypeError(f"no file at {text}")
+    return text
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options every converter understands (``--name``, ``--rows-per-shard``, ``--workers``)."""
     parser.add_argument("--name", default=None, help="dataset name (default: the format's name)")
-    parser.add_argument("--rows-per-shard", type=int, default=256, help="rows per Parquet shard")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--rows-per-shard", type=positive_int, default=256,
+                        help="rows per Parquet shard")
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help="threads reading and checking files (default: min(8, CPUs))")
 
 

@@ -131,9 +131,18 @@ def check_threshold(threshold: int) -> int:
     return threshold
 
 
+def _threshold_arg(text: str) -> int:
+    """argparse ``type`` for ``--threshold`` (a bad value is a usage error, exit code 2)."""
+    try:
+        return check_threshold(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "threshold" in str(e)
+                                         else f"expected an int in 0..254, got {text!r}") from None
+
+
 def add_threshold_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--threshold`` (shared by the binary-mask converters)."""
-    parser.add_argument("--threshold", type=int, default=127,
+    parser.add_argument("--threshold", type=_threshold_arg, default=127,
                         help="mask luminance above which a pixel is foreground (default 127)")
 
 

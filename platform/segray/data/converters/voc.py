@@ -41,6 +41,7 @@ from segray.data.converters.common import (
     Problems,
     Sample,
     common_options,
+    existing_file,
     files_by_stem,
     find_root,
     option,
@@ -200,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sbd", default="auto",
                         help="SBD masks: 'auto' (SegmentationClassAug/ when present), 'none', or a "
                              "folder of SBD index PNGs or an SBD folder with cls/*.mat")
-    parser.add_argument("--labeled-list", default=None,
+    parser.add_argument("--labeled-list", type=existing_file, default=None,
                         help="file of labelled image ids: writes train_labeled + unlabeled + val")
 
 
