@@ -81,6 +81,11 @@ def test_semantic_checks():
     text = str(info.value)
     assert "data.crop_size" in text and "divide evenly over 3 workers" in text
     assert "eval.mode: 'slide' needs eval.crop and eval.stride" in text
+    raw = parse_overrides(["data.resize=[224, 224]", "data.base_scale=[1024, 224]"])
+    with pytest.raises(ConfigError, match="data.resize and data.base_scale exclude each other"):
+        resolve(raw, None, "supervised")
+    with pytest.raises(ConfigError, match=r"data.resize: expected two positive integers"):
+        resolve(parse_overrides(["data.resize=[224]"]), None, "supervised")
 
 
 def test_override_without_equals_is_an_error():

@@ -314,6 +314,23 @@ def test_random_scale_crop_samples_like_cv2_when_enlarging():
         assert diff.max() <= 1.0 + 1e-9, (h, w, factor, diff.max())
 
 
+def test_random_scale_crop_resize_ignores_the_aspect():
+    """``resize`` squashes every image to one size (mmseg keep_ratio=False), then the ratio
+    scales that size: MaskSup's 224x224 recipe is ``resize=(224, 224)`` at ratio 1."""
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, size=(30, 52, 3), dtype=np.uint8)
+    mask = rng.integers(0, 4, size=(30, 52), dtype=np.uint8)
+    out, out_mask = random_scale_crop(image, mask, (16, 16), (1.0, 1.0), rng, resize=(16, 16))
+    want = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR)).astype(int)
+    assert np.abs(out.astype(int) - want).max() <= 1
+    assert (out_mask == resize_nearest(mask, (16, 16))).all()  # all of it: no crop, no pad
+    out, out_mask = random_scale_crop(image, mask, (20, 20), (0.5, 0.5), rng, resize=(16, 24))
+    assert (out_mask[:8, :12] == resize_nearest(mask, (8, 12))).all()  # (16, 24) x 0.5, padded
+    assert (out_mask[8:] == 255).all() and (out_mask[:, 12:] == 255).all()
+    with pytest.raises(ValueError, match="resize and base_scale exclude each other"):
+        random_scale_crop(image, mask, (8, 8), resize=(8, 8), base_scale=(64, 32))
+
+
 def test_cat_max_ratio_prefers_mixed_crops():
     image = np.zeros((100, 100, 3), np.uint8)
     mask = np.zeros((100, 100), np.uint8)

@@ -208,6 +208,36 @@ def test_paper_metric_multiclass_is_acc_over_two_minus_acc() -> None:
     assert m.state().dtype == torch.float64 and m.state().shape == (2,)
     with pytest.raises(TypeError, match="integer"):
         m.update(pred.float(), target)
+    # The official NYUDv2 code counts void as class 0: image 3's void pixel, predicted 7, is wrong.
+    void0 = PaperMetric(binary=False, void_to_class=0)
+    for p, t in zip(pred, target):
+        void0.update(p.view(2, 2), t.view(2, 2))
+    accs = [0.75, 0.5, 0.75]
+    expected = 100 * sum(a / (2 - a) for a in accs) / 3
+    assert void0.compute()["paper_micro_jaccard_mean_per_image"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="cannot merge"):
+        void0.merge(m)
+
+
+def test_void_to_class_trains_void_as_that_class() -> None:
+    """With void_to_class the losses see void pixels as the class: the same as a target that
+    holds the class there; without it they are ignored."""
+    batch = _batch(4)
+    void = dict(batch, mask=batch["mask"].clone())
+    void["mask"][:, :8] = 255
+    as_zero = dict(batch, mask=void["mask"].masked_fill(void["mask"] == 255, 0))
+    losses = {}
+    for name, knobs, b in (("void0", {"void_to_class": 0}, void), ("zero", {}, as_zero),
+                           ("ignored", {}, void)):
+        torch.manual_seed(0)
+        method = _method(**knobs)
+        torch.manual_seed(1)
+        model = method.build()
+        losses[name] = method.training_step(model, b, step=3)["loss_clean"].item()
+    assert losses["void0"] == pytest.approx(losses["zero"])
+    assert losses["void0"] != pytest.approx(losses["ignored"])
+    with pytest.raises(ValueError, match=r"void_to_class must be a class id in \[0, 4\)"):
+        _method(void_to_class=4)
 
 
 # ---------------------------------------------------------------- method

@@ -135,6 +135,16 @@ def test_nyudv2_preset_matches_official_schedule() -> None:
     cfg = _preset("nyudv2_unetpp")
     assert cfg["optim"]["step_size"] == 60 * 100 and cfg["train"]["steps"] == 199 * 100
     assert cfg["knobs"]["consistency"] == "argmax"
+    assert cfg["knobs"]["void_to_class"] == 0  # official: void is class 0, counted in 39.31
+    # Every official recipe squashes images to 224x224 (no aspect, no random scale or crop), the
+    # geometry predict() uses at test time; resolved through the real preset loader.
+    from segray.config import load_preset, resolve
+
+    for name in ("glas_levit_unet", "kvasir_levit_unet", "nyudv2_unetpp"):
+        resolved = resolve(load_preset(PRESETS / f"{name}.yaml"), MaskSupKnobs, "masksup")
+        data = resolved.data
+        assert data.resize == [224, 224] and data.crop_size == [224, 224], name
+        assert data.base_scale is None and data.scale_range == [1.0, 1.0], name
     glas = _preset("glas_levit_unet")
     assert glas["optim"]["name"] == "adam" and glas["optim"]["amsgrad"] is True
     assert glas["augment"]["mean"] == [127.5] * 3 and glas["augment"]["hflip"] == 0.0

@@ -22,6 +22,10 @@ Knobs (defaults are the paper's):
   ``fill``: value of hidden pixels, normalised.
 - ``alpha``, ``beta``, ``gamma``: weights of the clean, masked and consistency terms (1, 1, 1);
   ``consistency``: ``softmax_mse`` or ``argmax`` (the official NYUDv2 form, no gradient).
+- ``void_to_class``: the class that void pixels (the ignore index) count as in the losses and in
+  the paper metric (None: ignored). The official NYUDv2 code maps void (255) to class 0 and has no
+  ignore index, and its reported 39.31 counts them, so the ``nyudv2_unetpp`` preset sets 0; the
+  engine's confusion-matrix mIoU always ignores void.
 - ``predict_size``: [H, W] images are resized to (aspect ratio not kept, as the official code)
   before the network and logits resized back (LeViT: always 224x224; others: None = as given).
 - ``seed``: hole masks of step ``s`` on rank ``r`` come from a generator seeded with
@@ -80,6 +84,7 @@ class MaskSupKnobs:
     beta: float = 1.0
     gamma: float = 1.0
     consistency: Literal["softmax_mse", "argmax"] = "softmax_mse"
+    void_to_class: int | None = None
     predict_size: list[int] | None = None
     seed: int = 0
 
@@ -107,6 +112,9 @@ def _validate(k: MaskSupKnobs, ctx: MethodContext) -> list[str]:
             f"binary is true but the dataset has {ctx.num_classes} classes; binary needs 2 "
             "(background, foreground) — set binary to null or false"
         )
+    if k.void_to_class is not None and not 0 <= int(k.void_to_class) < ctx.num_classes:
+        errors.append(f"void_to_class must be a class id in [0, {ctx.num_classes}) or null, got "
+                      f"{k.void_to_class}")
     if k.predict_size is not None and len(k.predict_size) != 2:
         errors.append(f"predict_size must be [H, W] or null, got {k.predict_size}")
     if k.arch == "levit_unet_384":
@@ -205,6 +213,8 @@ class MaskSup:
         """
         k = self.knobs
         images, target = batch["image"], batch["mask"]
+        if k.void_to_class is not None:
+            target = target.masked_fill(target == self.ctx.ignore_index, int(k.void_to_class))
         b, _, h, w = images.shape
         holes = random_holes(
             b,
@@ -257,4 +267,5 @@ class MaskSup:
 
     def make_eval_metric(self) -> PaperMetric:
         """The paper's per-image metric, reported beside the engine's mIoU."""
-        return PaperMetric(binary=self.binary, ignore_index=self.ctx.ignore_index)
+        return PaperMetric(binary=self.binary, ignore_index=self.ctx.ignore_index,
+                           void_to_class=self.knobs.void_to_class)

@@ -10,7 +10,8 @@ The paper's "mIoU" is a mean over test images of a per-image score (sklearn ``ja
   accuracy, i.e. a monotone function of accuracy.
 
 Both are in percent. Pixels labelled ``ignore_index`` are left out of every image (the official
-code has none to leave out), and an image with no labelled pixel is not counted. The engine's
+code has none to leave out), or with ``void_to_class`` counted as that class (the official NYUDv2
+code merges void into class 0), and an image with no labelled pixel is not counted. The engine's
 confusion-matrix mIoU stays the standard number to compare methods with.
 
 The state is ``[sum of per-image scores, number of images]`` (float64), so shards combine by
@@ -39,11 +40,14 @@ class PaperMetric:
     Args:
         binary: foreground IoU (class 1 is foreground) instead of micro-Jaccard.
         ignore_index: target value left out of every image.
+        void_to_class: count ``ignore_index`` pixels as this class instead (None: leave them out).
     """
 
-    def __init__(self, binary: bool, ignore_index: int = 255) -> None:
+    def __init__(self, binary: bool, ignore_index: int = 255,
+                 void_to_class: int | None = None) -> None:
         self.binary = bool(binary)
         self.ignore_index = int(ignore_index)
+        self.void_to_class = None if void_to_class is None else int(void_to_class)
         self.name = BINARY_NAME if self.binary else MULTICLASS_NAME
         self.reset()
 
@@ -85,6 +89,8 @@ class PaperMetric:
         if pred.ndim == 2:
             pred, target = pred[None], target[None]
         target = target.to(pred.device)
+        if self.void_to_class is not None:
+            target = target.masked_fill(target == self.ignore_index, self.void_to_class)
         valid = target != self.ignore_index  # (B, H, W)
         n = valid.flatten(1).sum(1).double()  # (B,)
         if self.binary:
@@ -115,7 +121,8 @@ class PaperMetric:
             ValueError: if the state does not have shape (2,) or the metrics differ in kind.
         """
         if isinstance(other, PaperMetric):
-            if other.binary != self.binary or other.ignore_index != self.ignore_index:
+            if (other.binary, other.ignore_index, other.void_to_class) != (
+                    self.binary, self.ignore_index, self.void_to_class):
                 raise ValueError(f"cannot merge {other.name} into {self.name}")
             other = other.state()
         other_t = torch.as_tensor(other, dtype=torch.float64).cpu()

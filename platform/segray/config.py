@@ -38,6 +38,8 @@ class DataConfig:
     uri: str = ""  # "" = the built-in synthetic set in the cache folder
     crop_size: list[int] = field(default_factory=lambda: [64, 64])
     base_scale: list[int] | None = None  # mmseg img_scale [long, short]; None = the image's own size
+    resize: list[int] | None = None  # [h, w]: every image resized to exactly this (aspect not kept,
+    #                                  mmseg keep_ratio=False), then scaled by the drawn ratio
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     scale_choices: list[float] | None = None  # discrete ratios instead of a uniform range
     cat_max_ratio: float = 1.0
@@ -359,6 +361,10 @@ def _check(cfg: Config) -> list[str]:
 
     pair("data.crop_size", d.crop_size)
     pair("data.base_scale", d.base_scale, allow_none=True)
+    pair("data.resize", d.resize, allow_none=True)
+    if d.base_scale and d.resize:
+        e.append("data.resize and data.base_scale exclude each other: resize sets the exact size "
+                 "(aspect not kept), base_scale a size to fit keeping the aspect; set one to null")
     pair("eval.test_scale", cfg.eval.test_scale, allow_none=True)
     pair("eval.crop", cfg.eval.crop, allow_none=True)
     pair("eval.stride", cfg.eval.stride, allow_none=True)

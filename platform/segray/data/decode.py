@@ -116,6 +116,7 @@ def random_scale_crop(
     *,
     base_scale: tuple[int, int] | None = None,
     scale_choices: tuple[float, ...] | None = None,
+    resize: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random rescale, random crop and pad to a fixed size (MMSeg ``Resize(img_scale,
     ratio_range)`` + ``RandomCrop`` + ``Pad`` semantics).
@@ -145,13 +146,16 @@ def random_scale_crop(
             ``rescale_size``). None: the image's own size is scaled by r.
         scale_choices: discrete ratios drawn uniformly (the SeMask fork's list ``ratio_range``)
             instead of the ``scale_range`` interval.
+        resize: (h, w) the image is resized to, aspect not kept (mmseg ``keep_ratio=False``),
+            before the drawn ratio scales it; excludes ``base_scale``.
 
     Returns:
         ``(image, mask)``: uint8 (crop_h, crop_w, 3) and (crop_h, crop_w) of the mask's dtype
         (uint8 for an unlabelled image).
 
     Raises:
-        ValueError: bad crop size or scale range, or mask size differs from image size.
+        ValueError: bad crop size or scale range, ``resize`` with ``base_scale``, or mask size
+            differs from image size.
     """
     crop_h, crop_w = (int(v) for v in crop)
     lo, hi = (float(v) for v in scale_range)
@@ -159,6 +163,8 @@ def random_scale_crop(
         raise ValueError(f"crop must be (height, width) >= 1, got {crop}")
     if not 0 < lo <= hi:
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+    if resize is not None and base_scale is not None:
+        raise ValueError("resize and base_scale exclude each other")
     h, w = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
     if mask is None:
         mask = np.full((h, w), ignore_index, dtype=np.uint8)
@@ -167,12 +173,15 @@ def random_scale_crop(
     rng = rng if rng is not None else np.random.default_rng()
 
     ratio = float(rng.choice(scale_choices)) if scale_choices else rng.uniform(lo, hi)
-    if base_scale is not None:
-        long_max, short_max = int(max(base_scale) * ratio), int(min(base_scale) * ratio)
-        factor = min(long_max / max(h, w), short_max / min(h, w))
+    if resize is not None:
+        size = (max(1, int(resize[0] * ratio + 0.5)), max(1, int(resize[1] * ratio + 0.5)))
     else:
-        factor = ratio
-    size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
+        if base_scale is not None:
+            long_max, short_max = int(max(base_scale) * ratio), int(min(base_scale) * ratio)
+            factor = min(long_max / max(h, w), short_max / min(h, w))
+        else:
+            factor = ratio
+        size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
 
     # Only the window is resampled, never the whole rescaled image: the same pixels (the window's
     # pixel centres map to the source as in a whole-image resize) at a fraction of the cost.

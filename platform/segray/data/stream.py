@@ -118,6 +118,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                  crop: tuple[int, int], scale_range: tuple[float, float], seed: int,
                  cat_max_ratio: float, labeled: bool, on_bad_sample: str,
                  base_scale: tuple[int, int] | None, scale_choices: tuple[float, ...] | None,
+                 resize: tuple[int, int] | None,
                  copy: int,
                  counter: SkipCounter | None, dataset: str, split: str,
                  mask_dtype: type, scheme: str,
@@ -144,7 +145,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         rng = np.random.default_rng([seed, execution, copy, _key_seed(key)])
         image, mask = random_scale_crop(image, mask, crop, scale_range, rng, cat_max_ratio,
                                         ignore_index, base_scale=base_scale,
-                                        scale_choices=scale_choices)
+                                        scale_choices=scale_choices, resize=resize)
         keys.append(key)
         images.append(image)
         masks.append(mask.astype(mask_dtype, copy=False))
@@ -172,6 +173,7 @@ def train_dataset(
     batch_size: int = 16,
     base_scale: tuple[int, int] | None = None,
     scale_choices: tuple[float, ...] | None = None,
+    resize: tuple[int, int] | None = None,
     passes: int = 1,
 ) -> ray.data.Dataset:
     """A training stream of fixed-size crops (decode + random rescale + crop on CPU tasks).
@@ -191,6 +193,8 @@ def train_dataset(
         base_scale: mmseg ``img_scale`` (long, short): ratios scale it and the image is resized
             keeping its aspect to fit; None scales the image's own size.
         scale_choices: discrete ratios drawn uniformly instead of the ``scale_range`` interval.
+        resize: (h, w) every image is resized to before the drawn ratio scales it, aspect not
+            kept (mmseg ``keep_ratio=False``); excludes ``base_scale``.
         passes: epochs one execution of the stream covers. Every execution restarts Ray Data's
             executor and the split coordinator (seconds); on a small dataset several epochs per
             execution keep the accelerator fed. Each pass draws its own crops.
@@ -224,7 +228,8 @@ def train_dataset(
                  "dataset": info.name, "split": split, "mask_dtype": _mask_dtype(info),
                  "scheme": _scheme(info),
                  "base_scale": tuple(int(v) for v in base_scale) if base_scale else None,
-                 "scale_choices": tuple(float(v) for v in scale_choices) if scale_choices else None}
+                 "scale_choices": tuple(float(v) for v in scale_choices) if scale_choices else None,
+                 "resize": tuple(int(v) for v in resize) if resize else None}
     fn_kwargs["scheme"] = ""  # the work items below carry full URIs
     drop, exclude = check_split(info, split, columns, skip=on_bad_sample == "skip",
                                 counter=skip_counter)
