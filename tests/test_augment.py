@@ -204,6 +204,42 @@ def test_train_augment_seeded_determinism_keeps_global_rng():
     assert not torch.equal(x1, x3)
 
 
+def _padded_batch(device: str = "cpu"):
+    """Crops padded at the bottom/right as the data plane pads them (image 0, mask 255)."""
+    image, mask = make_batch(b=4, h=16, w=16, device=device)
+    valid = torch.tensor([[16, 16], [10, 12], [16, 7], [5, 16]], dtype=torch.int16, device=device)
+    for i, (vh, vw) in enumerate(valid.tolist()):
+        image[i, :, vh:], image[i, :, :, vw:] = 0, 0
+        mask[i, vh:], mask[i, :, vw:] = 255, 255
+    return image, mask, valid
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_augment_pads_after_normalising_as_mmseg(device):
+    """MMSeg's order is crop, flip, photometric, normalise, pad: padded pixels are exactly 0
+    (the mean colour) whatever the photometric ops drew, and a flipped crop is flipped within its
+    width, so its padding stays at the right."""
+    image, mask, valid = _padded_batch(device)
+    for photometric in (False, True):
+        aug = TrainAugment(IMAGENET_MEAN, IMAGENET_STD, hflip=1.0, photometric=photometric,
+                           generator=5).to(device)
+        x, m = aug(image, mask, valid)
+        plain = normalize(image.float(), IMAGENET_MEAN, IMAGENET_STD)
+        for i, (vh, vw) in enumerate(valid.tolist()):
+            assert (x[i, :, vh:] == 0).all() and (x[i, :, :, vw:] == 0).all()
+            assert (m[i, vh:] == 255).all() and (m[i, :, vw:] == 255).all()
+            assert torch.equal(m[i, :vh, :vw], mask[i, :vh, :vw].flip(-1))
+            if not photometric:
+                assert torch.allclose(x[i, :, :vh, :vw], plain[i, :, :vh, :vw].flip(-1))
+    # Not flipped: nothing moves, only the padding becomes 0.
+    x, m = TrainAugment(**IDENTITY, hflip=0.0, photometric=False)(image, mask, valid)
+    assert torch.equal(m, mask) and torch.equal(x, image.float())  # padding was 0 already
+    with pytest.raises(ValueError, match=r"valid must be integer \(B, 2\)"):
+        aug(image, mask, valid[:2])
+    with pytest.raises(ValueError, match="valid sizes must lie in 1..16 x 1..16"):
+        aug(image, mask, valid * 2)
+
+
 def test_train_augment_rejects_bad_inputs():
     image, mask = make_batch(b=2)
     aug = TrainAugment(IMAGENET_MEAN, IMAGENET_STD)
@@ -249,6 +285,20 @@ def test_sample_cutmix_boxes_are_rectangles_within_area():
         assert 0.3 * 0.8 <= h / w <= (1 / 0.3) / 0.8  # aspect drawn in [0.3, 1/0.3], floor slack
     _, none = sample_cutmix(8, 64, 64, p=0.0)
     assert not none.any()
+
+
+def test_cutmix_never_pairs_an_image_with_itself():
+    """A box filled from the image itself would mix nothing (S4MC's batch-of-one bug)."""
+    for b in (2, 3, 4, 8):
+        for seed in range(50):
+            index, _ = sample_cutmix(b, 8, 8, p=1.0, generator=torch.Generator().manual_seed(seed))
+            assert sorted(index.tolist()) == list(range(b))
+            assert (index != torch.arange(b)).all(), (b, seed, index)
+    pairs = {tuple(sample_cutmix(4, 8, 8, generator=torch.Generator().manual_seed(s))[0].tolist())
+             for s in range(50)}
+    assert len(pairs) == 6  # every one-cycle pairing of 4 images: (4 - 1)! = 6
+    index, box = sample_cutmix(1, 8, 8, p=1.0)
+    assert index.tolist() == [0] and not box.any()  # no partner, no box
 
 
 # --- StrongWeakAugment --------------------------------------------------------------------------

@@ -233,6 +233,9 @@ def test_random_scale_crop_pads_small_images():
     assert (out_img[:3, :4] == 200).all() and (out_img[3:] == 0).all() and (out_img[:, 4:] == 0).all()
     assert (out_mask[:3, :4] == mask).all()
     assert (out_mask[3:] == 255).all() and (out_mask[:, 4:] == 255).all()
+    *_, valid = random_scale_crop(image, mask, crop=(5, 6), scale_range=(1.0, 1.0),
+                                  rng=np.random.default_rng(0), with_valid=True)
+    assert valid == (3, 4)  # the image part, top-left; the rest is padding
     _, unl = random_scale_crop(image, None, crop=(4, 4), rng=np.random.default_rng(0))
     assert unl.dtype == np.uint8 and (unl == 255).all()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from segray.data.decode import BadSampleError, decode_image
 from segray.data.manifest import open_dataset
@@ -75,16 +76,23 @@ def test_train_batches_fixed_shape(ray_local, synth):
     assert eval_dataset(synth, "val").context.op_resource_reservation_enabled is False
     batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=train_collate, device="cpu"))
     assert sum(len(b["image"]) for b in batches) == 20
-    k = synth.num_classes
+    k, padded = synth.num_classes, 0
     for b in batches:
         n = len(b["image"])
         assert tuple(b["image"].shape) == (n, 3, *CROP) and str(b["image"].dtype) == "torch.uint8"
         assert tuple(b["mask"].shape) == (n, *CROP) and str(b["mask"].dtype) == "torch.uint8"
         assert tuple(b["image_labels"].shape) == (n, k)
         assert str(b["image_labels"].dtype) == "torch.float32"
+        assert tuple(b["valid"].shape) == (n, 2) and str(b["valid"].dtype) == "torch.int16"
+        for image, mask, (vh, vw) in zip(b["image"], b["mask"], b["valid"].tolist(), strict=True):
+            assert 1 <= vh <= CROP[0] and 1 <= vw <= CROP[1]
+            assert (mask[vh:] == 255).all() and (mask[:, vw:] == 255).all()  # padding beyond
+            assert (image[:, vh:] == 0).all() and (image[:, :, vw:] == 0).all()
+        padded += int((b["valid"] < torch.tensor(CROP)).any(1).sum())
         for mask, labels in zip(b["mask"], b["image_labels"], strict=True):
             present = set(mask.unique().tolist()) - {255}
             assert present <= set(labels.nonzero().flatten().tolist())  # crops keep label ids
+    assert padded > 0  # scales below ~0.8 leave crops smaller than CROP: the padding was checked
 
 
 def test_crops_change_per_epoch_and_repeat_per_seed(ray_local, synth):

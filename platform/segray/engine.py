@@ -116,7 +116,7 @@ class StepRunner:
         batch: dict[str, torch.Tensor] = {}
         fmt = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
         if "image" in raw:
-            image, mask = self.augment(raw["image"], raw["mask"])
+            image, mask = self.augment(raw["image"], raw["mask"], raw.get("valid"))
             batch["image"] = image.contiguous(memory_format=fmt)
             batch["mask"] = mask.long()  # narrow on the way here (see TrainCollate)
         if "image_labels" in raw:

@@ -167,11 +167,42 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, ..., 1)
 
 
+def check_valid(valid: torch.Tensor, image: torch.Tensor) -> None:
+    """Check ``valid`` (B, 2) = each crop's (height, width) before padding, within the image."""
+    b, _, h, w = image.shape
+    if valid.ndim != 2 or tuple(valid.shape) != (b, 2) or valid.dtype.is_floating_point:
+        raise ValueError(f"valid must be integer (B, 2) = (height, width) per crop with B = {b}, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
+    if bool((valid < 1).any()) or bool((valid[:, 0] > h).any()) or bool((valid[:, 1] > w).any()):
+        raise ValueError(f"valid sizes must lie in 1..{h} x 1..{w}, got {valid.tolist()}")
+
+
+def outside_valid(valid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """bool (B, H, W): True on the padding below/right of each crop's (height, width)."""
+    valid = valid.long()
+    rows = torch.arange(height, device=valid.device).view(1, height, 1)
+    cols = torch.arange(width, device=valid.device).view(1, 1, width)
+    return (rows >= valid[:, 0].view(-1, 1, 1)) | (cols >= valid[:, 1].view(-1, 1, 1))
+
+
+def _shift_left(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Roll each sample of (B, ..., W) ``x`` left by ``shift[b]`` columns (wrapping)."""
+    w = x.shape[-1]
+    cols = (torch.arange(w, device=x.device).view(1, w) + shift.view(-1, 1).to(x.device)) % w
+    index = cols.view(x.shape[0], *([1] * (x.ndim - 2)), w).expand_as(x)
+    return torch.gather(x, -1, index)
+
+
 class PairedFlip(nn.Module):
     """Random horizontal flip applied identically to images and masks (Kornia).
 
     Masks travel through Kornia as float (B, 1, H, W); the flip moves pixels without resampling, so
     rounding back gives exactly the input label values.
+
+    Given each crop's size before padding (``valid``), a flipped crop keeps its padding at the
+    right, as in MMSeg, whose RandomFlip runs before Pad: the crop is flipped within its width.
+    Without it the whole padded crop is flipped (padding moves left), as in UniMatch, which pads
+    first.
 
     Args:
         p: probability of flipping each sample.
@@ -186,14 +217,25 @@ class PairedFlip(nn.Module):
         )
 
     def forward(
-        self, image: torch.Tensor, mask: torch.Tensor | None = None
+        self, image: torch.Tensor, mask: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Flip float (B, C, H, W) images and optional integer (B, H, W) masks together."""
+        """Flip float (B, C, H, W) images and optional integer (B, H, W) masks together; with
+        ``valid`` (B, 2) crop sizes, within each crop's width."""
+        params = self.seq.forward_parameters(image.shape)
         if mask is None:
-            return self.seq(image, data_keys=["input"]), None
-        m = mask.unsqueeze(1).to(torch.float32)  # (B, 1, H, W)
-        out, m = self.seq(image, m)
-        return out, m.squeeze(1).round().to(mask.dtype)
+            out, m = self.seq(image, data_keys=["input"], params=params), None
+        else:
+            m = mask.unsqueeze(1).to(torch.float32)  # (B, 1, H, W)
+            out, m = self.seq(image, m, params=params)
+            m = m.squeeze(1).round().to(mask.dtype)
+        if valid is not None:
+            flipped = params[0].data["batch_prob"].to(valid.device) > 0.5
+            shift = torch.where(flipped, image.shape[-1] - valid[:, 1].long(), 0)
+            if bool((shift > 0).any()):  # a full flip put the padding left: move it back right
+                out = _shift_left(out, shift)
+                m = None if m is None else _shift_left(m, shift)
+        return out, m
 
 
 class EvalTransform(nn.Module):

@@ -32,9 +32,11 @@ from segray.augment.common import (
     Stats,
     check_image,
     check_mask,
+    check_valid,
     kornia_rng,
     make_generator,
     normalize,
+    outside_valid,
     per_sample,
     stats_tensor,
 )
@@ -153,6 +155,11 @@ class TrainAugment(nn.Module):
     ``data_keys=["input", "mask"]``, so image and mask always move together; photometric
     distortion touches the image only.
 
+    Given each crop's size before padding (``valid``), the order is MMSeg's: flip within the
+    crop, photometric distortion, normalisation, then padding, so padded pixels are 0 after
+    normalisation (the mean colour), untouched by the photometric ops, and stay at the
+    bottom/right. Without it, padding is whatever the uint8 crop holds there.
+
     Args:
         mean: per-channel mean on the 0-255 scale, RGB.
         std: per-channel std on the 0-255 scale, RGB.
@@ -184,12 +191,15 @@ class TrainAugment(nn.Module):
         self.ignore_index = ignore_index
         self.generator = make_generator(generator)
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, mask: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment a batch.
 
         Args:
             image: uint8 (B, 3, H, W) RGB.
-            mask: integer (B, H, W) class ids (ignore = ``ignore_index``).
+            mask: integer (B, H, W) class ids (ignore = ``ignore_index``), padding included.
+            valid: integer (B, 2) each crop's (height, width) before padding at the
+                bottom/right (the data plane's ``valid`` column), or None.
 
         Returns:
             (float32 (B, 3, H, W) normalised image, mask with the input's dtype and shape).
@@ -200,10 +210,15 @@ class TrainAugment(nn.Module):
         """
         check_image(image)
         check_mask(mask, image)
+        if valid is not None:
+            check_valid(valid, image)
         x = image.float()  # (B, 3, H, W) on the 0-255 scale
         with kornia_rng(self.generator, x.device):
-            x, mask = self.flip(x, mask)
+            x, mask = self.flip(x, mask, valid)
         if self.photometric:
             params = sample_photometric_params(image.shape[0], self.generator)
             x = photometric_distortion(x, **params)
-        return normalize(x, self.mean, self.std), mask
+        x = normalize(x, self.mean, self.std)
+        if valid is not None:
+            x = x.masked_fill(outside_valid(valid, *x.shape[-2:]).unsqueeze(1), 0.0)
+        return x, mask

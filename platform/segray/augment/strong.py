@@ -59,18 +59,22 @@ def sample_cutmix(
         device: where the returned tensors live.
 
     Returns:
-        ``index`` long (B,), a permutation: image i receives pixels from image ``index[i]``;
-        ``box`` bool (B, H, W), True where image i takes its partner's pixels.
+        ``index`` long (B,), a permutation: image i receives pixels from image ``index[i]``,
+        never itself (the images are paired along one random cycle, so a box always mixes two
+        images); ``box`` bool (B, H, W), True where image i takes its partner's pixels. A batch
+        of one has no partner and gets no box.
     """
     b, g = batch_size, generator
-    apply = torch.rand(b, generator=g) < p
+    apply = (torch.rand(b, generator=g) < p) & (b > 1)
     box_area = (area[0] + (area[1] - area[0]) * torch.rand(b, generator=g)) * height * width
     ratio = aspect[0] + (aspect[1] - aspect[0]) * torch.rand(b, generator=g)
     box_w = (box_area / ratio).sqrt().floor().clamp(1, width)
     box_h = (box_area * ratio).sqrt().floor().clamp(1, height)
     x0 = (torch.rand(b, generator=g) * (width - box_w + 1)).floor()
     y0 = (torch.rand(b, generator=g) * (height - box_h + 1)).floor()
-    index = torch.randperm(b, generator=g)
+    order = torch.randperm(b, generator=g)
+    index = torch.empty(b, dtype=torch.long)
+    index[order] = order.roll(-1)  # order[j] takes from order[j + 1]: one cycle, no fixed point
 
     ys = torch.arange(height, dtype=torch.float32, device=device).view(1, height)
     xs = torch.arange(width, dtype=torch.float32, device=device).view(1, width)

@@ -168,8 +168,8 @@ def ray_data_ceiling(folder: str | Path, names: list[str], *, crop: tuple[int, i
     a running Ray; iterate it like the segray stream.
 
     Returns:
-        A lazy ``ray.data.Dataset`` with columns ``image`` uint8 (N, h, w, 3), ``mask`` (N, h, w)
-        and ``labels`` (N, 1) (zeros; for ``train_collate``).
+        A lazy ``ray.data.Dataset`` with columns ``image`` uint8 (N, h, w, 3), ``mask`` (N, h, w),
+        ``labels`` (N, 1) (zeros) and ``valid`` (N, 2), as ``train_collate`` expects.
     """
     import ray
     import ray.data
@@ -202,11 +202,14 @@ def _ceiling_task(items: dict[str, np.ndarray], *, held: list[Any], crop: tuple[
         rng = np.random.default_rng([int(start), int(epoch)])
         chunk = samples[int(start):int(start) + rows]
         for i in range(0, len(chunk), batch_size):
-            images, masks = [], []
+            images, masks, valid = [], [], []
             for image_bytes, mask_bytes in chunk[i:i + batch_size]:
-                image, mask = random_scale_crop(open_image(image_bytes), decode_mask(mask_bytes),
-                                                crop, scale_range, rng)
+                image, mask, size = random_scale_crop(open_image(image_bytes),
+                                                      decode_mask(mask_bytes), crop, scale_range,
+                                                      rng, with_valid=True)
                 images.append(image)
                 masks.append(mask)
+                valid.append(size)
             yield {"image": np.stack(images), "mask": np.stack(masks),
-                   "labels": np.zeros((len(images), 1), np.uint8)}
+                   "labels": np.zeros((len(images), 1), np.uint8),
+                   "valid": np.array(valid, dtype=np.int16)}

@@ -16,8 +16,8 @@ class TrainCollate(NumpyBatchCollateFn):
 
     Returns a dict: ``image`` uint8 (B, 3, H, W) (channels-last memory, which convolutions on
     GPU prefer), ``mask`` (B, H, W) as stored (uint8; int32 for datasets past 256 labels, which
-    torch cannot index with uint16), ``image_labels`` float32 (B, K). The ``key`` column is
-    dropped. Masks stay narrow on the host and on the way to the device (an eighth of int64's
+    torch cannot index with uint16), ``image_labels`` float32 (B, K), ``valid`` int16 (B, 2)
+    (each crop's size before padding). The ``key`` column is dropped. Masks stay narrow on the host and on the way to the device (an eighth of int64's
     bytes); the training step widens them there (:meth:`segray.engine.StepRunner.prepare`).
     """
 
@@ -29,6 +29,7 @@ class TrainCollate(NumpyBatchCollateFn):
             "image": _tensor(batch["image"]).permute(0, 3, 1, 2),  # channels-last strides
             "mask": _tensor(mask if mask.dtype == np.uint8 else mask.astype(np.int32)),
             "image_labels": torch.from_numpy(np.asarray(batch["labels"]).astype(np.float32)),
+            "valid": _tensor(np.asarray(batch["valid"], dtype=np.int16).reshape(-1, 2)),
         }
 
 

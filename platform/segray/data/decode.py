@@ -117,7 +117,8 @@ def random_scale_crop(
     base_scale: tuple[int, int] | None = None,
     scale_choices: tuple[float, ...] | None = None,
     resize: tuple[int, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_valid: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Random rescale, random crop and pad to a fixed size (MMSeg ``Resize(img_scale,
     ratio_range)`` + ``RandomCrop`` + ``Pad`` semantics).
 
@@ -148,10 +149,12 @@ def random_scale_crop(
             instead of the ``scale_range`` interval.
         resize: (h, w) the image is resized to, aspect not kept (mmseg ``keep_ratio=False``),
             before the drawn ratio scales it; excludes ``base_scale``.
+        with_valid: also return the crop's (height, width) before padding.
 
     Returns:
         ``(image, mask)``: uint8 (crop_h, crop_w, 3) and (crop_h, crop_w) of the mask's dtype
-        (uint8 for an unlabelled image).
+        (uint8 for an unlabelled image); with ``with_valid`` also ``(valid_h, valid_w)``, the
+        part of the crop that is image, not padding (its top-left).
 
     Raises:
         ValueError: bad crop size or scale range, ``resize`` with ``base_scale``, or mask size
@@ -209,6 +212,8 @@ def random_scale_crop(
     out_mask = np.full((crop_h, crop_w), ignore_index, dtype=mask.dtype)
     out_image[: part.shape[0], : part.shape[1]] = part
     out_mask[: window.shape[0], : window.shape[1]] = window
+    if with_valid:
+        return out_image, out_mask, (y1 - y0, x1 - x0)
     return out_image, out_mask
 
 

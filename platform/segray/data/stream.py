@@ -5,7 +5,9 @@ fixed-size, so batches stack without padding; flips and photometric augmentation
 the training device (:mod:`segray.augment`).
 
 Training rows (``train_dataset``): ``key`` str, ``image`` uint8 (H, W, 3), ``mask`` uint8 (H, W)
-(all ``ignore_index`` for unlabelled streams), ``labels`` uint8 (K,) multi-hot. Evaluation rows
+(all ``ignore_index`` for unlabelled streams), ``labels`` uint8 (K,) multi-hot, ``valid`` int16
+(2,): the crop's height and width before padding (at the bottom/right), so the device can pad
+after normalisation as MMSeg does (:class:`segray.augment.TrainAugment`). Evaluation rows
 (``eval_dataset``): ``key``, full-size ``image`` (H_i, W_i, 3) and ``mask`` (H_i, W_i).
 
 Randomness: each row's rescale/crop is drawn from ``(seed, execution index, key)``. Ray Data
@@ -124,7 +126,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                  mask_dtype: type, scheme: str,
                  exclude: frozenset[int] = frozenset()) -> dict[str, np.ndarray]:
     execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
-    keys, images, masks, labels = [], [], [], []
+    keys, images, masks, labels, valid = [], [], [], [], []
     for i, key in enumerate(batch["key"]):
         if exclude and int(batch["row"][i]) in exclude:  # counted when the stream was built
             continue
@@ -143,9 +145,11 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
             count_skip(e, counter, dataset, split)
             continue
         rng = np.random.default_rng([seed, execution, copy, _key_seed(key)])
-        image, mask = random_scale_crop(image, mask, crop, scale_range, rng, cat_max_ratio,
-                                        ignore_index, base_scale=base_scale,
-                                        scale_choices=scale_choices, resize=resize)
+        image, mask, size = random_scale_crop(image, mask, crop, scale_range, rng,
+                                              cat_max_ratio, ignore_index, base_scale=base_scale,
+                                              scale_choices=scale_choices, resize=resize,
+                                              with_valid=True)
+        valid.append(size)
         keys.append(key)
         images.append(image)
         masks.append(mask.astype(mask_dtype, copy=False))
@@ -156,6 +160,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         "image": np.stack(images) if images else np.zeros((0, h, w, 3), np.uint8),
         "mask": np.stack(masks) if masks else np.zeros((0, h, w), mask_dtype),
         "labels": np.stack(labels) if labels else np.zeros((0, num_classes), np.uint8),
+        "valid": np.array(valid, dtype=np.int16).reshape(-1, 2),
     }
 
 
@@ -200,8 +205,8 @@ def train_dataset(
             execution keep the accelerator fed. Each pass draws its own crops.
 
     Returns:
-        A lazy Dataset with columns ``key``, ``image`` uint8 (H, W, 3), ``mask`` (H, W) and
-        ``labels`` uint8 (K,).
+        A lazy Dataset with columns ``key``, ``image`` uint8 (H, W, 3), ``mask`` (H, W),
+        ``labels`` uint8 (K,) and ``valid`` int16 (2,) (the crop's size before padding).
 
     Raises:
         ValueError: bad ``on_bad_sample`` or ``crop``; with ``on_bad_sample="error"`` also a shard
