@@ -20,7 +20,7 @@ from collections.abc import Callable
 from segray import storage
 from segray.data import DatasetInfo, convert_folder, make_synthetic
 from segray.data.converters import CONVERTERS, add_common_arguments
-from segray.data.converters.common import positive_int
+from segray.data.converters.common import fraction, positive_int
 
 
 def _add_synthetic(p: argparse.ArgumentParser) -> None:
@@ -45,24 +45,13 @@ def _add_folder(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder with images/, masks/ and optionally classes.txt")
     p.add_argument("dst", help="destination dataset folder (path or s3:// URI)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--val-fraction", type=_fraction, default=0.1,
+    group.add_argument("--val-fraction", type=fraction, default=0.1,
                        help="share of images for the val split (default 0.1)")
     group.add_argument("--split-file", help="'<stem> <split>' lines or JSON {split: [stems]}")
     p.add_argument("--seed", type=int, default=0, help="seed of the random train/val split")
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--name", help="dataset name (default: the source folder's name)")
     p.add_argument("--rows-per-shard", type=positive_int, default=256)
-
-
-def _fraction(text: str) -> float:
-    """argparse ``type`` for ``--val-fraction``: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
 
 
 def _run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DatasetInfo:

@@ -183,13 +183,17 @@ def test_empty_split_names_the_split(tmp_path, good):
     assert not (tmp_path / "w" / "dataset.json").exists()
 
 
+def _flip_a_byte(shard: Path) -> None:
+    """Change a shard in place, keeping its size (the manifest's checksum no longer matches)."""
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
 def test_changed_shard_fails_every_reader(tmp_path, good):
     info, train, val = good
     dst = _write(tmp_path / "changed", info, train, val)
-    shard = dst / "train-00001.parquet"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01  # same size, other bytes
-    shard.write_bytes(bytes(data))
+    _flip_a_byte(dst / "train-00001.parquet")  # same size, other bytes
     ds = open_dataset(str(dst))
     with pytest.raises(DatasetError, match=r"shard .*train-00001\.parquet of split 'train' does "
                                          r"not match its manifest"):
@@ -268,13 +272,6 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
         eval_dataset(broken, "val").take_all()
     assert f"bad sample '{rows[i]['key']}' in shard" in str(e.value)
     assert "val-00000.parquet" in str(e.value)
-
-
-def _flip_a_byte(shard: Path) -> None:
-    """Change a shard in place, keeping its size (the manifest's checksum no longer matches)."""
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
 
 
 @pytest.mark.cluster

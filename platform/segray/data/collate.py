@@ -17,8 +17,9 @@ class TrainCollate(NumpyBatchCollateFn):
     Returns a dict: ``image`` uint8 (B, 3, H, W) (channels-last memory, which convolutions on
     GPU prefer), ``mask`` (B, H, W) as stored (uint8; int32 for datasets past 256 labels, which
     torch cannot index with uint16), ``image_labels`` float32 (B, K), ``valid`` int16 (B, 2)
-    (each crop's size before padding). The ``key`` column is dropped. Masks stay narrow on the host and on the way to the device (an eighth of int64's
-    bytes); the training step widens them there (:meth:`segray.engine.StepRunner.prepare`).
+    (each crop's size before padding). The ``key`` column is dropped. Masks stay narrow on the
+    host and on the way to the device (an eighth of int64's bytes); the training step widens
+    them there (:meth:`segray.engine.StepRunner.prepare`).
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -131,8 +131,10 @@ def random_scale_crop(
     content, Pillow's being the blurrier on fine detail, and the exact cv2 sampling in Pillow
     (``Image.transform``) would cost 380 µs per 128x128 crop against 60-370 µs. The mask takes
     the source pixel under each output pixel's centre, in step with the image; cv2's
-    ``INTER_NEAREST`` takes ``floor(dst * scale)``, up to one source pixel up/left of it. With ``cat_max_ratio < 1`` up to 10 windows are tried until no single
-    class covers more than that share of the labelled pixels (and at least two classes are seen).
+    ``INTER_NEAREST`` takes ``floor(dst * scale)``, up to one source pixel up/left of it.
+
+    With ``cat_max_ratio < 1`` up to 10 windows are tried until no single class covers more than
+    that share of the labelled pixels (and at least two classes are seen).
 
     Args:
         image: uint8 (H, W, 3), or an RGB PIL image (the stream's path: no array round trip).

@@ -101,6 +101,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse ``type``: a number in [0, 1) (a bad value is a usage error, exit code 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
 def existing_file(text: str) -> str:
     """argparse ``type``: a file (path or ``s3://`` URI) that exists."""
     if not storage.exists(text) or storage.is_dir(text):

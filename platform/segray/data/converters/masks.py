@@ -134,10 +134,13 @@ def check_threshold(threshold: int) -> int:
 def _threshold_arg(text: str) -> int:
     """argparse ``type`` for ``--threshold`` (a bad value is a usage error, exit code 2)."""
     try:
-        return check_threshold(int(text))
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in 0..254, got {text!r}") from None
+    try:
+        return check_threshold(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if "threshold" in str(e)
-                                         else f"expected an int in 0..254, got {text!r}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_threshold_argument(parser: argparse.ArgumentParser) -> None:
