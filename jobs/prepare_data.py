@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 
 from segray import storage
+from segray.cli import fraction, positive_int
 from segray.data import DatasetInfo, convert_folder, make_synthetic
 from segray.data.converters import CONVERTERS, add_common_arguments
-from segray.data.converters.common import fraction, positive_int
 
 
 def _add_synthetic(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from segray.config import ConfigError, deep_merge, load_preset, parse_overrides, resolve
@@ -20,6 +21,42 @@ class UsageParser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}\n(see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def checked_type(convert: Callable[[str], Any], check: Callable[[Any], Any],
+                 expected: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then ``check`` the value (it raises
+    ``ValueError`` with its own message, or returns the value). Either failure becomes an
+    ``ArgumentTypeError``, so a bad value is a usage error (exit code 2).
+
+    Args:
+        convert: text -> value, e.g. ``int``.
+        check: value -> value, raising ``ValueError`` for a bad one.
+        expected: what the value should be, for text ``convert`` cannot read.
+    """
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _within(ok: Callable[[Any], bool], expected: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(f"expected {expected}, got {value}")
+        return value
+    return check
+
+
+positive_int = checked_type(int, _within(lambda v: v >= 1, "an integer >= 1"), "an integer >= 1")
+fraction = checked_type(float, _within(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                        "a number in [0, 1)")
 
 
 def add_run_args(p: argparse.ArgumentParser, method_default: str | None = None) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from segray import storage
+from segray.cli import positive_int
 from segray.data.converters.masks import IGNORE_INDEX, MaskReader
 from segray.data.manifest import DatasetInfo
 from segray.data.shards import DatasetWriter, encode_mask_png
@@ -88,28 +89,6 @@ def option(args: Any, name: str, default: Any) -> Any:
         return default
     value = args.get(name) if isinstance(args, Mapping) else getattr(args, name, None)
     return default if value is None else value
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type``: an integer >= 1 (a bad value is a usage error, exit code 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse ``type``: a number in [0, 1) (a bad value is a usage error, exit code 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
 
 
 def existing_file(text: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segray.cli import checked_type
 from segray.data.shards import decode_mask_png
 
 IGNORE_INDEX = 255
@@ -131,21 +132,10 @@ def check_threshold(threshold: int) -> int:
     return threshold
 
 
-def _threshold_arg(text: str) -> int:
-    """argparse ``type`` for ``--threshold`` (a bad value is a usage error, exit code 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int in 0..254, got {text!r}") from None
-    try:
-        return check_threshold(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_threshold_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--threshold`` (shared by the binary-mask converters)."""
-    parser.add_argument("--threshold", type=_threshold_arg, default=127,
+    parser.add_argument("--threshold", type=checked_type(int, check_threshold, "an int in 0..254"),
+                        default=127,
                         help="mask luminance above which a pixel is foreground (default 127)")
 
 
