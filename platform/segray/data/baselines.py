@@ -76,12 +76,12 @@ def _load_samples(folder: str, names: list[str], crop: dict[str, Any] | None = N
 
 
 def _decode_range(bounds: tuple[int, int], loops: int = 1) -> int:
-    from segray.data.decode import decode_mask, open_image, random_scale_crop
+    from segray.data.decode import decode_image, decode_mask, random_scale_crop
 
     rng = np.random.default_rng(bounds[0])
     for _ in range(loops):
         for image_bytes, mask_bytes in _SAMPLES[bounds[0]:bounds[1]]:
-            image = open_image(image_bytes)  # to pixels; no copy into an array
+            image = decode_image(image_bytes)  # the pipeline's decoder
             mask = decode_mask(mask_bytes)
             if _CROP:
                 random_scale_crop(image, mask, _CROP["crop"], _CROP["scale_range"], rng)
@@ -191,7 +191,7 @@ def _ceiling_task(items: dict[str, np.ndarray], *, held: list[Any], crop: tuple[
                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     import ray
 
-    from segray.data.decode import decode_mask, open_image, random_scale_crop
+    from segray.data.decode import decode_image, decode_mask, random_scale_crop
 
     ref = held[0]  # in a list, so Ray passes the reference instead of the value
     if ref.hex() not in _HELD:
@@ -204,7 +204,7 @@ def _ceiling_task(items: dict[str, np.ndarray], *, held: list[Any], crop: tuple[
         for i in range(0, len(chunk), batch_size):
             images, masks, valid = [], [], []
             for image_bytes, mask_bytes in chunk[i:i + batch_size]:
-                image, mask, size = random_scale_crop(open_image(image_bytes),
+                image, mask, size = random_scale_crop(decode_image(image_bytes),
                                                       decode_mask(mask_bytes), crop, scale_range,
                                                       rng, with_valid=True)
                 images.append(image)

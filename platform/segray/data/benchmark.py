@@ -9,9 +9,10 @@ Three comparisons, each a ratio of figures taken in the same run on the same ima
    Both are timed in steady state (the middle half of the images) over the same epochs; rounds
    alternate between them (and the decode loops) to cancel drift, and each side's best round is
    reported (other load on the machine only ever slows a round down). Goal: ≥ 1.0×.
-2. **Share of the decode limit.** A tight PIL decode loop (image + mask) over the same bytes, in
-   one process and in as many processes as the DataLoader has workers (timed in each round,
-   between the two pipelines); the pipeline's best images/s over the best multi-process figure.
+2. **Share of the decode limit.** A tight decode loop (image + mask, with the pipeline's own
+   decoders, the fastest here) over the same bytes, in one process and in as many processes as
+   the DataLoader has workers (timed in each round, between the two pipelines); the
+   pipeline's best images/s over the best multi-process figure.
    Goal: ≥ 80 %. The same loop with the pipeline's random rescale + crop of each row is timed
    too, and a Ray Data stream doing only that per-row work on bytes in the object store (the
    most any Ray Data pipeline reaches here): the first shows what the per-row work costs, the

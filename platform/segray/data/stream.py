@@ -138,7 +138,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                                                  "(use labeled=False for unlabelled splits)")
             image, mask = validate_sample(batch["image"][i], mask_bytes, num_classes=num_classes,
                                           ignore_index=ignore_index, shard=shard, key=key,
-                                          labels=batch["labels"][i], pil=True)
+                                          labels=batch["labels"][i])
         except BadSampleError as e:
             if on_bad_sample == "error":
                 raise
