@@ -21,6 +21,7 @@ from methods.masksup import (
     build_model,
     mask_images,
     masksup_loss,
+    official_target_resize,
     random_holes,
     resolve_ratio_range,
 )
@@ -217,6 +218,72 @@ def test_paper_metric_multiclass_is_acc_over_two_minus_acc() -> None:
     assert void0.compute()["paper_micro_jaccard_mean_per_image"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="cannot merge"):
         void0.merge(m)
+
+
+def test_official_target_resize_as_opencv() -> None:
+    """Ground truth resized as the official code (OpenCV) resizes it, worked by hand."""
+    # Nearest (NYUDv2): OpenCV floors d * (1 / (224 / 288)) in double precision, so output row 21
+    # takes source row 26 (21 x 1.2857142857142856 = 26.999...), not 27.
+    rows = torch.arange(288).view(1, 288, 1).expand(1, 288, 3)
+    out = official_target_resize(rows, (224, 3), binary=False)
+    assert out[0, 20:23, 0].tolist() == [25, 26, 28]
+    # Area (binary), 3x3 -> 2x2: each output pixel weighs source pixels (2/3, 1/3) per axis, so
+    # output (0, 0) is 4/9 + 2/9 + 2/9 = 8/9 foreground -> 1; the others are 2/9 or 0 -> 0.
+    m = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]]])
+    assert official_target_resize(m, (2, 2), binary=True).tolist() == [[[1, 0], [0, 0]]]
+    # A tie goes to background, except in an exact 2x reduction (OpenCV's fast path rounds up).
+    half = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]])
+    assert official_target_resize(half, (2, 2), binary=True).tolist() == [[[1, 0], [1, 0]]]
+    third = torch.zeros(1, 6, 4, dtype=torch.long)
+    third[0, 0:3, 0] = 1  # 3 of the 6 pixels of block (0, 0): a tie
+    third[0, 0:2, 2:4] = 1  # 4 of the 6 of block (0, 1)
+    assert official_target_resize(third, (2, 2), binary=True).tolist() == [[[0, 1], [0, 0]]]
+    # Ignored pixels stay where the nearest resize puts them (source rows/cols 0 and 1).
+    void = m.clone()
+    void[0, 1, 1] = 255
+    assert official_target_resize(void, (2, 2), binary=True).tolist() == [[[1, 0], [0, 255]]]
+
+
+def test_paper_metric_scores_at_its_size() -> None:
+    m = PaperMetric(binary=True, size=(2, 2))
+    target = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]]])  # resizes to [[1, 0], [0, 0]]
+    m.update(torch.tensor([[[1, 0], [0, 0]]]), target)
+    m.update(torch.tensor([[[1, 1], [0, 0]]]), target)
+    assert m.compute()["paper_fg_iou_mean_per_image"] == pytest.approx(75.0)  # IoU 1 and 1/2
+    with pytest.raises(ValueError, match=r"at \(2, 2\)"):
+        m.update(torch.zeros(1, 3, 3, dtype=torch.long), target)
+    with pytest.raises(ValueError, match="cannot merge"):
+        m.merge(PaperMetric(binary=True))
+
+
+@pytest.mark.parametrize("size", [[32, 32], None])
+def test_evaluate_scores_the_paper_metric_as_the_official_code(size: list[int] | None) -> None:
+    """The paper metric gets the network's prediction for the image squashed to its size (one
+    more forward pass) and the full-size target, which it resizes; without a size, the
+    engine's full-size prediction."""
+    from segray.augment import normalize
+    from segray.config import EvalConfig
+    from segray.evaluation import evaluate
+
+    method = _method(num_classes=2, paper_metric_size=size)
+    torch.manual_seed(0)
+    model = method.build().eval()
+    g = torch.Generator().manual_seed(1)
+    rows = [{"image": torch.randint(0, 256, (40, 56, 3), generator=g, dtype=torch.uint8).numpy(),
+             "mask": torch.randint(0, 2, (40, 56), generator=g).numpy()} for _ in range(3)]
+    mean, std = [127.5] * 3, [127.5] * 3
+    got = evaluate(method, model, rows, num_classes=2, ignore_index=255, eval_cfg=EvalConfig(),
+                   mean=mean, std=std, device=torch.device("cpu")).extra.compute()
+
+    want = PaperMetric(binary=True, size=tuple(size) if size else None)
+    with torch.no_grad():
+        for row in rows:
+            x = normalize(torch.from_numpy(row["image"]).permute(2, 0, 1)[None], mean, std)
+            if size:
+                x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear",
+                                                    align_corners=False, antialias=True)
+            want.update(method.predict(model, x).argmax(1), torch.from_numpy(row["mask"])[None])
+    assert got == pytest.approx(want.compute())
 
 
 def test_void_to_class_trains_void_as_that_class() -> None:

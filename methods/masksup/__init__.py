@@ -9,7 +9,12 @@ from __future__ import annotations
 from methods.masksup.holes import mask_images, random_holes, resolve_ratio_range
 from methods.masksup.losses import masksup_loss
 from methods.masksup.method import MaskSup, MaskSupKnobs
-from methods.masksup.metrics import BINARY_NAME, MULTICLASS_NAME, PaperMetric
+from methods.masksup.metrics import (
+    BINARY_NAME,
+    MULTICLASS_NAME,
+    PaperMetric,
+    official_target_resize,
+)
 from methods.masksup.models import (
     LeViTUNet384,
     NestedUNet,
@@ -33,6 +38,7 @@ __all__ = [
     "load_levit_pretrained",
     "mask_images",
     "masksup_loss",
+    "official_target_resize",
     "random_holes",
     "resolve_ratio_range",
 ]

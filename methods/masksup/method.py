@@ -28,6 +28,9 @@ Knobs (defaults are the paper's):
   engine's confusion-matrix mIoU always ignores void.
 - ``predict_size``: [H, W] images are resized to (aspect ratio not kept, as the official code)
   before the network and logits resized back (LeViT: always 224x224; others: None = as given).
+- ``paper_metric_size``: [H, W] the paper metric is scored at, as the official code: the network's
+  prediction for the image squashed to this size, against ground truth resized the official way
+  (default [224, 224]; None: at each image's own size, like the engine's mIoU).
 - ``seed``: hole masks of step ``s`` on rank ``r`` come from a generator seeded with
   ``(seed, s, r)``, so runs are reproducible.
 
@@ -86,6 +89,7 @@ class MaskSupKnobs:
     consistency: Literal["softmax_mse", "argmax"] = "softmax_mse"
     void_to_class: int | None = None
     predict_size: list[int] | None = None
+    paper_metric_size: list[int] | None = field(default_factory=lambda: [224, 224])
     seed: int = 0
 
 
@@ -117,6 +121,10 @@ def _validate(k: MaskSupKnobs, ctx: MethodContext) -> list[str]:
                       f"{k.void_to_class}")
     if k.predict_size is not None and len(k.predict_size) != 2:
         errors.append(f"predict_size must be [H, W] or null, got {k.predict_size}")
+    if k.paper_metric_size is not None and (
+            len(k.paper_metric_size) != 2 or min(int(v) for v in k.paper_metric_size) < 1):
+        errors.append(f"paper_metric_size must be [H, W] (both >= 1) or null, got "
+                      f"{k.paper_metric_size}")
     if k.arch == "levit_unet_384":
         if tuple(ctx.crop_size) != LeViTUNet384.input_size:
             errors.append(
@@ -267,5 +275,7 @@ class MaskSup:
 
     def make_eval_metric(self) -> PaperMetric:
         """The paper's per-image metric, reported beside the engine's mIoU."""
+        size = self.knobs.paper_metric_size
         return PaperMetric(binary=self.binary, ignore_index=self.ctx.ignore_index,
-                           void_to_class=self.knobs.void_to_class)
+                           void_to_class=self.knobs.void_to_class,
+                           size=tuple(int(v) for v in size) if size else None)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from segray.augment import normalize
 from segray.config import EvalConfig
@@ -76,6 +77,11 @@ def evaluate(
 ) -> EvalResult:
     """Segment every row and accumulate metrics (no all-reduce; call :meth:`EvalResult.all_reduce`).
 
+    A method's own metric (``method.make_eval_metric()``) gets the same predictions as the
+    engine's, or, when it has a ``size`` (H, W), a prediction of the image squashed to that size
+    (bilinear, antialiased; one more forward pass, without TTA or sliding) and the full-size
+    target, which it resizes itself: MaskSup's paper metric is scored this way at 224x224.
+
     Args:
         method: the method object (its ``predict`` turns normalised images into logits).
         model: the trained module, switched to eval mode here and back to train mode after.
@@ -97,6 +103,7 @@ def evaluate(
     metrics = SegMetrics(num_classes, ignore_index)
     maker = getattr(method, "make_eval_metric", None)
     extra = maker() if callable(maker) else None
+    extra_size = getattr(extra, "size", None)
     result = EvalResult(metrics, extra)
     was_training = model.training
     model.eval()
@@ -115,8 +122,9 @@ def evaluate(
                 image = torch.as_tensor(np.ascontiguousarray(row["image"]), device=device)
                 image = image.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8
                 target = torch.as_tensor(np.asarray(row["mask"]).astype(np.int64), device=device)
+                x = normalize(image, mean, std)
                 probs = segment(
-                    predict_fn, normalize(image, mean, std), num_classes=num_classes,
+                    predict_fn, x, num_classes=num_classes,
                     mode=eval_cfg.mode,
                     crop=tuple(eval_cfg.crop) if eval_cfg.crop else None,
                     stride=tuple(eval_cfg.stride) if eval_cfg.stride else None,
@@ -125,7 +133,12 @@ def evaluate(
                 )
                 pred = probs.argmax(1)[0]  # (H, W)
                 metrics.update(pred, target)
-                if extra is not None:
+                if extra is not None and extra_size is not None:
+                    # Scored at its own size: the image squashed to it, predicted once more.
+                    small = F.interpolate(x, size=extra_size, mode="bilinear",
+                                          align_corners=False, antialias=True)
+                    extra.update(predict_fn(small).argmax(1), target[None])
+                elif extra is not None:
                     extra.update(pred[None], target[None])
                 if len(result.samples) < keep:
                     result.samples.append((
