@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,19 @@ def test_train_then_evaluate(tmp_path, small_dataset):
                   str(tmp_path / "eval_tta"), env=env)
     assert json.loads((tmp_path / "eval_tta" / "metrics.json").read_text())["eval"]["tta"] is True
     assert tta.returncode == 0
+    # A checkpoint trained with eval.tta on: it is the default, and --no-tta turns it off (the
+    # plain numbers come back).
+    tta_ckpt = tmp_path / "tta_ckpt"
+    shutil.copytree(run / "step_0000020", tta_ckpt)
+    meta = json.loads((tta_ckpt / "meta.json").read_text())
+    meta["config"]["eval"]["tta"] = True
+    (tta_ckpt / "meta.json").write_text(json.dumps(meta))
+    for flags, want in (([], True), (["--no-tta"], False)):
+        run_job("evaluate.py", "--checkpoint", str(tta_ckpt), *flags, "--images", "0", "--out",
+                str(tmp_path / "eval_flags"), env=env)
+        result = json.loads((tmp_path / "eval_flags" / "metrics.json").read_text())
+        assert result["eval"]["tta"] is want, flags
+    assert result["metrics"]["mIoU"] == pytest.approx(metrics["metrics"]["mIoU"], abs=1e-6)
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
