@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segray import storage
+from segray.data import maskpng
 from segray.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -66,7 +67,9 @@ _SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.parquet$")
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """Encode a 2-D class-id map losslessly as PNG.
 
-    Values up to 255 are stored as an 8-bit greyscale PNG, larger ones as 16-bit.
+    Values up to 255 are stored as an 8-bit greyscale PNG, larger ones as 16-bit; rows are left
+    unfiltered, which makes label maps smaller and lets :func:`decode_mask_png` skip Pillow
+    (:mod:`segray.data.maskpng`).
 
     Args:
         mask: integer array (H, W) of class ids (and the ignore value).
@@ -90,20 +93,24 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     lo, hi = int(mask.min()), int(mask.max())
     if lo < 0 or hi > 65535:
         raise ValueError(f"mask values must lie in 0..65535, got {lo}..{hi}")
-    img = Image.fromarray(mask.astype(np.uint8 if hi <= 255 else np.uint16))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
+    return maskpng.encode(mask.astype(np.uint8 if hi <= 255 else np.uint16))
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:
     """Decode a class-id PNG to a 2-D uint8 (or uint16) array.
 
-    Palette (``P``) PNGs are read as their indices, not their colours.
+    Palette (``P``) PNGs are read as their indices, not their colours. Masks written by
+    :func:`encode_mask_png` are read without Pillow; any other image goes through it.
 
     Raises:
         ValueError: the bytes are not an image, or a colour image (class ids need one channel).
     """
+    try:
+        fast = maskpng.decode_unfiltered(data)
+    except ValueError as e:
+        raise ValueError(f"cannot decode mask bytes ({e})") from e
+    if fast is not None:
+        return fast
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
