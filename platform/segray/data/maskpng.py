@@ -1,10 +1,11 @@
 """Class-id masks as PNG files that decode without Pillow.
 
 A label map is long runs of one value, which deflate compresses on its own; PNG's row filters
-(Pillow picks them per row) only get in its way. :func:`encode` writes every row unfiltered:
-on the synthetic scenes that is 30 % smaller than Pillow's file at the same zlib level, and
-:func:`decode_unfiltered` reads it back with one zlib inflate, 90 µs for a 256x256 mask
-against 180-250 µs through Pillow. The files are ordinary greyscale PNGs that any reader opens.
+(Pillow picks them per row) only get in its way. :func:`encode` writes every row unfiltered: on
+the synthetic scenes the file is 28 % smaller than Pillow's at the same zlib level (43 % smaller
+than the level-6 files written before), and :func:`decode_unfiltered` reads it back with one zlib
+inflate, 90 µs for a 256x256 mask against 180-250 µs through Pillow. The files are ordinary
+greyscale PNGs that any reader opens.
 
 :func:`decode_unfiltered` checks any PNG's chunks (Pillow skips the pixel data's CRCs)
 and decodes what :func:`encode` writes (8- or 16-bit greyscale, or 8-bit palette indices; not
