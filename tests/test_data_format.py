@@ -306,6 +306,13 @@ def test_decode_image_jpeg_goes_to_libjpeg_turbo_with_pillows_pixels(monkeypatch
     with pytest.raises(ValueError, match="cannot decode image"):
         decode_image(good[: len(good) // 2])  # truncated: no silent grey half
 
+    # Pillow's decompression-bomb limit holds for the fast path too (37x53 is over twice 500).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    calls.clear()
+    with pytest.raises(ValueError, match="DecompressionBomb"):
+        decode_image(good)
+    assert not calls
+
 
 def test_resize_nearest_hand_worked():
     m = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint8)
@@ -351,7 +358,8 @@ def test_random_scale_crop_fixed_size_and_label_set():
 
 
 def test_random_scale_crop_matches_whole_image_resize_then_crop():
-    """Resampling only the window gives the pixels of MMSeg's resize-everything-then-crop.
+    """Resampling only the window gives the pixels of MMSeg's resize-everything-then-crop (masks
+    exactly, images within Pillow's fixed-point rounding).
 
     Many windows lie inside their image, so too narrow a margin around the window (taps clamped
     at its edge instead of the image's) shows as differences beyond rounding."""
@@ -377,7 +385,7 @@ def test_random_scale_crop_matches_whole_image_resize_then_crop():
         assert (out_mask[:ch, :cw] == want_mask).all(), (h, w, crop, factor)
         assert (out_mask[ch:] == 255).all() and (out_mask[:, cw:] == 255).all()
         diff = np.abs(out_img[:ch, :cw].astype(int) - want.astype(int))
-        assert diff.max() <= 1, (h, w, crop, factor, diff.max())  # float rounding only
+        assert diff.max() <= 2, (h, w, crop, factor, diff.max())  # fixed-point rounding only
         assert (out_img[ch:] == 0).all() and (out_img[:, cw:] == 0).all()
 
 

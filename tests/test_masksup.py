@@ -242,10 +242,14 @@ def test_official_target_resize_as_opencv() -> None:
     void = m.clone()
     void[0, 1, 1] = 255
     assert official_target_resize(void, (2, 2), binary=True).tolist() == [[[1, 0], [0, 255]]]
+    assert official_target_resize(void[0].to(torch.uint8), (2, 2), binary=True).tolist() == [
+        [1, 0], [0, 255]]  # one (H, W) map, its dtype kept
+    with pytest.raises(ValueError, match="both >= 1"):
+        official_target_resize(m, (0, 2), binary=False)
 
 
 def test_paper_metric_scores_at_its_size() -> None:
-    m = PaperMetric(binary=True, size=(2, 2))
+    m = PaperMetric(binary=True, score_size=(2, 2))
     target = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 0, 0]]])  # resizes to [[1, 0], [0, 0]]
     m.update(torch.tensor([[[1, 0], [0, 0]]]), target)
     m.update(torch.tensor([[[1, 1], [0, 0]]]), target)
@@ -275,7 +279,7 @@ def test_evaluate_scores_the_paper_metric_as_the_official_code(size: list[int] |
     got = evaluate(method, model, rows, num_classes=2, ignore_index=255, eval_cfg=EvalConfig(),
                    mean=mean, std=std, device=torch.device("cpu")).extra.compute()
 
-    want = PaperMetric(binary=True, size=tuple(size) if size else None)
+    want = PaperMetric(binary=True, score_size=tuple(size) if size else None)
     with torch.no_grad():
         for row in rows:
             x = normalize(torch.from_numpy(row["image"]).permute(2, 0, 1)[None], mean, std)

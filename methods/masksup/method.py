@@ -278,4 +278,4 @@ class MaskSup:
         size = self.knobs.paper_metric_size
         return PaperMetric(binary=self.binary, ignore_index=self.ctx.ignore_index,
                            void_to_class=self.knobs.void_to_class,
-                           size=tuple(int(v) for v in size) if size else None)
+                           score_size=tuple(int(v) for v in size) if size else None)

@@ -16,9 +16,9 @@ confusion-matrix mIoU stays the standard number to compare methods with.
 
 The official code scores at 224x224, not at the image's own size: the network's 224x224
 prediction against ground truth resized by OpenCV (:func:`official_target_resize`: nearest for
-NYUDv2, pixel-area averaging of the {0, 1} mask for GLaS and polyps). With ``size`` set,
+NYUDv2, pixel-area averaging of the {0, 1} mask for GLaS and polyps). With ``score_size`` set,
 :class:`PaperMetric` does the same: :func:`segray.evaluation.evaluate` hands it predictions at
-``size`` and it resizes the targets.
+``score_size`` and it resizes the targets.
 
 The state is ``[sum of per-image scores, number of images]`` (float64), so shards combine by
 adding states.
@@ -51,46 +51,55 @@ def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
 
 def official_target_resize(target: torch.Tensor, size: tuple[int, int], *, binary: bool,
                            ignore_index: int = 255) -> torch.Tensor:
-    """Resize class-id maps (B, H, W) to ``size`` as the official MaskSup code resizes its labels.
+    """Resize class-id maps (B, H, W) or (H, W) to ``size`` as the official MaskSup code resizes
+    its labels.
 
     - Multi-class (NYUDv2, ``cv2.INTER_NEAREST``): output pixel ``d`` takes source pixel
-      ``floor(d * (1 / (size / H)))`` computed in double precision, as OpenCV does.
+      ``floor(d * (1 / (size / H)))`` computed in double precision, as OpenCV does. Exact.
     - Binary (GLaS, polyps, ``cv2.INTER_AREA`` on the {0, 1} mask): each output pixel is the
       foreground share of its footprint, fractional pixel overlaps included, rounded as OpenCV
       rounds: a tie (0.5, to float32 precision) goes to background, except in an exact 2x
       reduction, whose fast path rounds it up. Against OpenCV 5, reducing to 224x224: equal on
-      384x288 (CVC-ClinicDB), 775x522 (GLaS), 448x448, 672x448 and 896x672 masks; up to 2 pixels
-      in 10^4 differ on others (OpenCV sums in float32). When enlarging, OpenCV uses other
-      weights, and up to a few pixels in 10^3 differ. Ignored pixels stay ignored where the
-      nearest resize puts them.
+      384x288 (CVC-ClinicDB), 775x522 (GLaS), 448x448, 672x448 and 896x672 masks; up to 3 pixels
+      in 10^4 differ on others (OpenCV sums in float32). Enlarging (no official dataset is
+      smaller than 224) OpenCV uses two-tap weights instead, and up to 5 % of a noisy mask
+      differs. Ignored pixels stay ignored where the nearest resize puts them.
 
     Args:
-        target: integer class ids (B, H, W).
-        size: (height, width).
+        target: integer class ids (B, H, W) or (H, W).
+        size: (height, width), both >= 1.
         binary: area averaging of the foreground (class 1) instead of nearest.
         ignore_index: the ignore value (binary only).
 
     Returns:
-        (B, *size) of ``target``'s dtype.
+        ``target``'s batch shape with ``size``, in ``target``'s dtype.
+
+    Raises:
+        ValueError: ``target`` is not 2-D or 3-D, or ``size`` is not two sizes >= 1.
     """
-    h, w = target.shape[-2:]
+    if target.ndim not in (2, 3):
+        raise ValueError(f"target must be (B, H, W) or (H, W), got {tuple(target.shape)}")
+    if len(size) != 2 or min(int(v) for v in size) < 1:
+        raise ValueError(f"size must be (height, width) with both >= 1, got {size}")
+    size = (int(size[0]), int(size[1]))
+    batch = target.reshape(-1, *target.shape[-2:]).long()
+    h, w = batch.shape[-2:]
 
     def nearest_index(n_in: int, n_out: int) -> torch.Tensor:
-        step = 1.0 / (n_out / n_in)  # in double, as OpenCV (which floors 11.999... to 11)
+        step = 1.0 / (n_out / n_in)  # in double, as OpenCV (which floors 26.999... to 26)
         index = torch.floor(torch.arange(n_out, dtype=torch.float64) * step).long()
-        return index.clamp_max(n_in - 1).to(target.device)
+        return index.clamp_max(n_in - 1).to(batch.device)
 
-    nearest = target[:, nearest_index(h, size[0])][:, :, nearest_index(w, size[1])]
-    if not binary:
-        return nearest
-    wy = _area_weights(h, size[0], target.device)
-    wx = _area_weights(w, size[1], target.device)
-    share = wy @ (target == 1).double() @ wx.T  # (B, *size)
-    tie = (share - 0.5).abs() <= 1e-6
-    exact_half = (h, w) == (2 * size[0], 2 * size[1])
-    fg = (share > 0.5) & ~tie | (tie & exact_half)
-    out = fg.to(target.dtype)
-    return out.masked_fill(nearest == ignore_index, ignore_index)
+    out = batch[:, nearest_index(h, size[0])][:, :, nearest_index(w, size[1])]
+    if binary:
+        wy = _area_weights(h, size[0], batch.device)
+        wx = _area_weights(w, size[1], batch.device)
+        share = wy @ (batch == 1).double() @ wx.T  # (B, *size)
+        tie = (share - 0.5).abs() <= 1e-6
+        exact_half = (h, w) == (2 * size[0], 2 * size[1])
+        fg = (share > 0.5) & ~tie | (tie & exact_half)
+        out = fg.long().masked_fill(out == ignore_index, ignore_index)
+    return out.reshape(*target.shape[:-2], *size).to(target.dtype)
 
 
 class PaperMetric:
@@ -100,18 +109,18 @@ class PaperMetric:
         binary: foreground IoU (class 1 is foreground) instead of micro-Jaccard.
         ignore_index: target value left out of every image.
         void_to_class: count ``ignore_index`` pixels as this class instead (None: leave them out).
-        size: (H, W) the official code scores at; predictions come at this size and targets of
-            another size are resized to it (:func:`official_target_resize`). None: scored at the
-            size they come in.
+        score_size: (H, W) the official code scores at; predictions come at this size and
+            targets of another size are resized to it (:func:`official_target_resize`). None:
+            scored at the size they come in. :func:`segray.evaluation.evaluate` reads it.
     """
 
     def __init__(self, binary: bool, ignore_index: int = 255,
                  void_to_class: int | None = None,
-                 size: tuple[int, int] | None = None) -> None:
+                 score_size: tuple[int, int] | None = None) -> None:
         self.binary = bool(binary)
         self.ignore_index = int(ignore_index)
         self.void_to_class = None if void_to_class is None else int(void_to_class)
-        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.score_size = None if score_size is None else (int(score_size[0]), int(score_size[1]))
         self.name = BINARY_NAME if self.binary else MULTICLASS_NAME
         self.reset()
 
@@ -126,7 +135,8 @@ class PaperMetric:
 
         Args:
             pred: integer class ids (B, H, W) or (H, W).
-            target: integer class ids of the same shape.
+            target: integer class ids of the same shape, or of any size with ``score_size``
+                (then ``pred`` is at ``score_size``).
 
         Returns:
             ``(scores, counted)``: float64 (B,) and bool (B,).
@@ -145,14 +155,13 @@ class PaperMetric:
                     f"{name} must be an integer tensor of class ids, got "
                     f"{getattr(t, 'dtype', type(t).__name__)}; take logits.argmax(1) first"
                 )
-        if self.size is not None and target.ndim in (2, 3):
-            if tuple(pred.shape[-2:]) != self.size:
-                raise ValueError(f"{self.name} scores predictions at {self.size}, got "
+        if self.score_size is not None and target.ndim in (2, 3):
+            if tuple(pred.shape[-2:]) != self.score_size:
+                raise ValueError(f"{self.name} scores predictions at {self.score_size}, got "
                                  f"{tuple(pred.shape)}")
-            if tuple(target.shape[-2:]) != self.size:
-                batch = official_target_resize(target.reshape(-1, *target.shape[-2:]), self.size,
-                                               binary=self.binary, ignore_index=self.ignore_index)
-                target = batch.reshape(*target.shape[:-2], *self.size)
+            if tuple(target.shape[-2:]) != self.score_size:
+                target = official_target_resize(target, self.score_size, binary=self.binary,
+                                                ignore_index=self.ignore_index)
         if pred.shape != target.shape or pred.ndim not in (2, 3):
             raise ValueError(
                 f"pred and target must both be (B, H, W) or (H, W), got {tuple(pred.shape)} and "
@@ -193,8 +202,8 @@ class PaperMetric:
             ValueError: if the state does not have shape (2,) or the metrics differ in kind.
         """
         if isinstance(other, PaperMetric):
-            if (other.binary, other.ignore_index, other.void_to_class, other.size) != (
-                    self.binary, self.ignore_index, self.void_to_class, self.size):
+            if (other.binary, other.ignore_index, other.void_to_class, other.score_size) != (
+                    self.binary, self.ignore_index, self.void_to_class, self.score_size):
                 raise ValueError(f"cannot merge {other.name} into {self.name}")
             other = other.state()
         other_t = torch.as_tensor(other, dtype=torch.float64).cpu()

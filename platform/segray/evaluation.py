@@ -78,9 +78,10 @@ def evaluate(
     """Segment every row and accumulate metrics (no all-reduce; call :meth:`EvalResult.all_reduce`).
 
     A method's own metric (``method.make_eval_metric()``) gets the same predictions as the
-    engine's, or, when it has a ``size`` (H, W), a prediction of the image squashed to that size
-    (bilinear, antialiased; one more forward pass, without TTA or sliding) and the full-size
-    target, which it resizes itself: MaskSup's paper metric is scored this way at 224x224.
+    engine's, or, when it has a ``score_size`` (H, W), a prediction of the image squashed to that
+    size (bilinear, antialiased; one more forward pass, without TTA, sliding or ``test_scale``)
+    and the full-size target, which it resizes itself: MaskSup's paper metric is scored this way
+    at 224x224, as the official code scores it.
 
     Args:
         method: the method object (its ``predict`` turns normalised images into logits).
@@ -103,7 +104,7 @@ def evaluate(
     metrics = SegMetrics(num_classes, ignore_index)
     maker = getattr(method, "make_eval_metric", None)
     extra = maker() if callable(maker) else None
-    extra_size = getattr(extra, "size", None)
+    extra_size = getattr(extra, "score_size", None)
     result = EvalResult(metrics, extra)
     was_training = model.training
     model.eval()
