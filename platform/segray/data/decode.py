@@ -130,7 +130,7 @@ def _nearest_window(mask: np.ndarray, size: tuple[int, int], rows: tuple[int, in
 
 
 def random_scale_crop(
-    image: np.ndarray | Image.Image,
+    image: np.ndarray,
     mask: np.ndarray | None,
     crop: tuple[int, int],
     scale_range: tuple[float, float] = (0.5, 2.0),
@@ -161,7 +161,7 @@ def random_scale_crop(
     that share of the labelled pixels (and at least two classes are seen).
 
     Args:
-        image: uint8 (H, W, 3), or an RGB PIL image.
+        image: uint8 (H, W, 3).
         mask: integer (H, W) class ids, or None for an unlabelled image (output all ignore).
         crop: output (crop_h, crop_w).
         scale_range: (low, high) rescale ratios.
@@ -194,7 +194,7 @@ def random_scale_crop(
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
     if resize is not None and base_scale is not None:
         raise ValueError("resize and base_scale exclude each other")
-    h, w = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+    h, w = image.shape[:2]
     if mask is None:
         mask = np.full((h, w), ignore_index, dtype=np.uint8)
     elif mask.shape[:2] != (h, w):
@@ -227,8 +227,7 @@ def random_scale_crop(
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
     if size == (h, w):  # no rescale: a plain crop
-        part = (image[y0:y1, x0:x1] if isinstance(image, np.ndarray)
-                else np.asarray(image.crop((x0, y0, x1, y1))))
+        part = image[y0:y1, x0:x1]
     else:
         sy, sx = h / size[0], w / size[1]
         box = (x0 * sx, y0 * sy, min(x1 * sx, w), min(y1 * sy, h))  # no float overshoot
@@ -243,19 +242,17 @@ def random_scale_crop(
     return out_image, out_mask
 
 
-def _resample_box(image: np.ndarray | Image.Image, out: tuple[int, int],
+def _resample_box(image: np.ndarray, out: tuple[int, int],
                   box: tuple[float, float, float, float],
                   scale: tuple[float, float]) -> np.ndarray:
     """Pillow's bilinear ``resize(out[::-1], box=box)`` of ``image``, as uint8 (h, w, 3).
 
-    An array goes to Pillow only as far as the filter reaches around ``box`` (its support is one
+    The image goes to Pillow only as far as the filter reaches around ``box`` (its support is one
     source pixel, times the scale when shrinking), not whole: copying a whole decoded image into
     Pillow costs about as much as resampling the window. The taps are those of the whole-image
     call, clamped at the same image edges, but Pillow's fixed-point sums depend on the region it
     is given: about 6 % of the values differ by one grey level, about 0.1 % by two.
     """
-    if isinstance(image, Image.Image):
-        return np.asarray(image.resize(out[::-1], Image.BILINEAR, box=box))
     h, w = image.shape[:2]
     reach_y, reach_x = max(scale[0], 1.0) + 1, max(scale[1], 1.0) + 1
     r0, r1 = max(int(box[1] - reach_y), 0), min(int(box[3] + reach_y) + 1, h)
