@@ -86,6 +86,8 @@ def test_semantic_checks():
         resolve(raw, None, "supervised")
     with pytest.raises(ConfigError, match=r"data.resize: expected two positive integers"):
         resolve(parse_overrides(["data.resize=[224]"]), None, "supervised")
+    with pytest.raises(ConfigError, match=r"data.resample.*'cv2', 'pillow'"):
+        resolve(parse_overrides(["data.resample=bicubic"]), None, "supervised")
 
 
 def test_override_without_equals_is_an_error():

@@ -256,41 +256,9 @@ def test_random_scale_crop_fixed_size_and_label_set():
         random_scale_crop(np.zeros((3, 3, 3), np.uint8), None, (2, 2), scale_range=(2.0, 1.0))
 
 
-def test_random_scale_crop_matches_whole_image_resize_then_crop():
-    """Resampling only the window gives the pixels of MMSeg's resize-everything-then-crop (masks
-    exactly, images within Pillow's fixed-point rounding).
-
-    Many windows lie inside their image, so too narrow a margin around the window (taps clamped
-    at its edge instead of the image's) shows as differences beyond rounding."""
-    rng = np.random.default_rng(7)
-    for i in range(150):
-        h, w = (int(v) for v in rng.integers(8, 120, size=2))
-        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-        mask = rng.integers(0, 5, size=(h, w), dtype=np.uint8)
-        crop = (int(rng.integers(4, 48)), int(rng.integers(4, 48)))
-        out_img, out_mask = random_scale_crop(image, mask, crop, (0.4, 2.5),
-                                              rng=np.random.default_rng(i))
-
-        ref = np.random.default_rng(i)  # the same draws, the reference way
-        factor = ref.uniform(0.4, 2.5)
-        size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
-        big = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-        big_mask = resize_nearest(mask, size)
-        y0 = int(ref.integers(0, max(size[0] - crop[0], 0) + 1))
-        x0 = int(ref.integers(0, max(size[1] - crop[1], 0) + 1))
-        want = big[y0:y0 + crop[0], x0:x0 + crop[1]]
-        want_mask = big_mask[y0:y0 + crop[0], x0:x0 + crop[1]]
-        ch, cw = want_mask.shape
-        assert (out_mask[:ch, :cw] == want_mask).all(), (h, w, crop, factor)
-        assert (out_mask[ch:] == 255).all() and (out_mask[:, cw:] == 255).all()
-        diff = np.abs(out_img[:ch, :cw].astype(int) - want.astype(int))
-        assert diff.max() <= 2, (h, w, crop, factor, diff.max())  # fixed-point rounding only
-        assert (out_img[ch:] == 0).all() and (out_img[:, cw:] == 0).all()
-
-
 def _cv2_linear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """cv2 ``INTER_LINEAR`` (mmcv's image resize): 2x2 taps at ``(dst + 0.5) * scale - 0.5``,
-    coordinates clamped at the borders."""
+    """cv2 ``INTER_LINEAR`` (mmcv's image resize), written out: 2x2 taps at
+    ``(dst + 0.5) * scale - 0.5``, coordinates clamped at the borders."""
     def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         f = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
         lo = np.floor(f).astype(int)
@@ -306,19 +274,73 @@ def _cv2_linear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
 
 
-def test_random_scale_crop_samples_like_cv2_when_enlarging():
-    """At ratios >= 1 the image pixels are mmcv's (cv2 bilinear) within one grey level, borders
-    included; below 1 Pillow antialiases, which the docstring states."""
+def _whole_resize(image: np.ndarray, size: tuple[int, int], resample: str) -> np.ndarray:
+    if resample == "cv2":
+        return _cv2_linear(image, size)
+    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR)).astype(float)
+
+
+@pytest.mark.parametrize(("resample", "tolerance"), [("cv2", 1.0), ("pillow", 2.0)])
+def test_random_scale_crop_matches_whole_image_resize_then_crop(resample, tolerance):
+    """Resampling only the window gives the pixels of MMSeg's resize-everything-then-crop: masks
+    exactly; images within fixed-point rounding of the filter's whole-image resize, at ratios
+    that shrink and enlarge (cv2: 2x2 taps written out in NumPy; Pillow: its own resize, whose
+    sums depend on the region it is given).
+
+    Many windows lie inside their image, so too narrow a margin around the window (taps clamped
+    at its edge instead of the image's) or a window off by a pixel shows beyond rounding."""
+    rng = np.random.default_rng(7)
+    for i in range(150):
+        h, w = (int(v) for v in rng.integers(8, 120, size=2))
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        mask = rng.integers(0, 5, size=(h, w), dtype=np.uint8)
+        crop = (int(rng.integers(4, 48)), int(rng.integers(4, 48)))
+        out_img, out_mask = random_scale_crop(image, mask, crop, (0.4, 2.5), resample=resample,
+                                              rng=np.random.default_rng(i))
+
+        ref = np.random.default_rng(i)  # the same draws, the reference way
+        factor = ref.uniform(0.4, 2.5)
+        size = (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))
+        big, big_mask = _whole_resize(image, size, resample), resize_nearest(mask, size)
+        y0 = int(ref.integers(0, max(size[0] - crop[0], 0) + 1))
+        x0 = int(ref.integers(0, max(size[1] - crop[1], 0) + 1))
+        want = big[y0:y0 + crop[0], x0:x0 + crop[1]]
+        want_mask = big_mask[y0:y0 + crop[0], x0:x0 + crop[1]]
+        ch, cw = want_mask.shape
+        assert (out_mask[:ch, :cw] == want_mask).all(), (h, w, crop, factor)
+        assert (out_mask[ch:] == 255).all() and (out_mask[:, cw:] == 255).all()
+        diff = np.abs(out_img[:ch, :cw] - want)
+        assert diff.max() <= tolerance + 1e-9, (h, w, crop, factor, diff.max())
+        assert (out_img[ch:] == 0).all() and (out_img[:, cw:] == 0).all()
+
+
+def test_random_scale_crop_filters_differ_only_when_shrinking():
+    """The two filters agree within a grey level when enlarging; when shrinking, Pillow's
+    antialiased filter smooths a fine pattern that cv2's 2x2 taps alias, so the two recipes
+    really train on different pixels (and a swapped filter would show here)."""
     rng = np.random.default_rng(3)
     for i in range(20):
         h, w = (int(v) for v in rng.integers(8, 60, size=2))
         image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-        out, _ = random_scale_crop(image, None, (2 * h + 3, 2 * w + 3), (1.0, 2.0),
-                                   rng=np.random.default_rng(i))
-        factor = np.random.default_rng(i).uniform(1.0, 2.0)
-        size = (int(h * factor + 0.5), int(w * factor + 0.5))  # all of it fits the crop
-        diff = np.abs(out[:size[0], :size[1]].astype(float) - _cv2_linear(image, size))
-        assert diff.max() <= 1.0 + 1e-9, (h, w, factor, diff.max())
+        crop = (2 * h + 3, 2 * w + 3)  # all of the rescaled image fits
+        cv, _ = random_scale_crop(image, None, crop, (1.0, 2.0), np.random.default_rng(i))
+        pil, _ = random_scale_crop(image, None, crop, (1.0, 2.0), np.random.default_rng(i),
+                                   resample="pillow")
+        assert np.abs(cv.astype(int) - pil.astype(int)).max() <= 1
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel columns: the finest detail there is
+    cv, _ = random_scale_crop(stripes, None, (32, 32), (0.5, 0.5), np.random.default_rng(0))
+    pil, _ = random_scale_crop(stripes, None, (32, 32), (0.5, 0.5), np.random.default_rng(0),
+                               resample="pillow")
+    inner = (slice(None), slice(1, -1))  # Pillow's filter is cut at the border columns
+    assert np.abs(pil[inner].astype(int) - 127.5).max() <= 1  # averaged to grey
+    assert np.abs(cv.astype(int) - 127.5).max() <= 1  # 2x: cv2's taps straddle both columns
+    cv, _ = random_scale_crop(stripes, None, (24, 24), (0.375, 0.375), np.random.default_rng(0))
+    pil, _ = random_scale_crop(stripes, None, (24, 24), (0.375, 0.375), np.random.default_rng(0),
+                               resample="pillow")
+    assert cv.std() > 3 * pil.std()  # cv2 aliases the stripes into a coarser pattern
+    with pytest.raises(ValueError, match="resample must be one of"):
+        random_scale_crop(stripes, None, (8, 8), resample="bicubic")
 
 
 def test_random_scale_crop_resize_ignores_the_aspect():
@@ -328,8 +350,11 @@ def test_random_scale_crop_resize_ignores_the_aspect():
     image = rng.integers(0, 256, size=(30, 52, 3), dtype=np.uint8)
     mask = rng.integers(0, 4, size=(30, 52), dtype=np.uint8)
     out, out_mask = random_scale_crop(image, mask, (16, 16), (1.0, 1.0), rng, resize=(16, 16))
+    assert np.abs(out - _cv2_linear(image, (16, 16))).max() <= 1 + 1e-9  # the default filter
+    pil, _ = random_scale_crop(image, mask, (16, 16), (1.0, 1.0), np.random.default_rng(0),
+                               resize=(16, 16), resample="pillow")
     want = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR)).astype(int)
-    assert np.abs(out.astype(int) - want).max() <= 1
+    assert np.abs(pil.astype(int) - want).max() <= 1  # MaskSup's: torchvision on PIL images
     assert (out_mask == resize_nearest(mask, (16, 16))).all()  # all of it: no crop, no pad
     out, out_mask = random_scale_crop(image, mask, (20, 20), (0.5, 0.5), rng, resize=(16, 24))
     assert (out_mask[:8, :12] == resize_nearest(mask, (8, 12))).all()  # (16, 24) x 0.5, padded

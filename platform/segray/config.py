@@ -42,6 +42,8 @@ class DataConfig:
     #                                  mmseg keep_ratio=False), then scaled by the drawn ratio
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     scale_choices: list[float] | None = None  # discrete ratios instead of a uniform range
+    resample: Literal["cv2", "pillow"] = "cv2"  # image filter of the rescale: mmcv's cv2 bilinear,
+    #                                             or Pillow's antialiased one (torchvision on PIL)
     cat_max_ratio: float = 1.0
     batch_size: int = 8  # global batch, split across workers
     eval_batch_size: int = 8

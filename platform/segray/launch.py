@@ -126,7 +126,7 @@ def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]
     common = dict(crop=tuple(d.crop_size), scale_range=tuple(d.scale_range), seed=cfg.seed,
                   on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio, skip_counter=skips,
                   base_scale=tuple(d.base_scale) if d.base_scale else None,
-                  resize=tuple(d.resize) if d.resize else None,
+                  resize=tuple(d.resize) if d.resize else None, resample=d.resample,
                   scale_choices=tuple(d.scale_choices) if d.scale_choices else None)
     try:
         datasets = {"train": train_dataset(info, d.train_split, **common,

@@ -58,7 +58,13 @@ from segray.data.collate import (  # noqa: F401 - re-exported: the stream's coll
     eval_collate,
     train_collate,
 )
-from segray.data.decode import BadSampleError, multi_hot, random_scale_crop, validate_sample
+from segray.data.decode import (
+    RESAMPLE_FILTERS,
+    BadSampleError,
+    multi_hot,
+    random_scale_crop,
+    validate_sample,
+)
 from segray.data.manifest import (
     DatasetError,
     DatasetInfo,
@@ -120,7 +126,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                  crop: tuple[int, int], scale_range: tuple[float, float], seed: int,
                  cat_max_ratio: float, labeled: bool, on_bad_sample: str,
                  base_scale: tuple[int, int] | None, scale_choices: tuple[float, ...] | None,
-                 resize: tuple[int, int] | None,
+                 resize: tuple[int, int] | None, resample: str,
                  copy: int,
                  counter: SkipCounter | None, dataset: str, split: str,
                  mask_dtype: type, scheme: str,
@@ -148,7 +154,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         image, mask, size = random_scale_crop(image, mask, crop, scale_range, rng,
                                               cat_max_ratio, ignore_index, base_scale=base_scale,
                                               scale_choices=scale_choices, resize=resize,
-                                              with_valid=True)
+                                              resample=resample, with_valid=True)
         valid.append(size)
         keys.append(key)
         images.append(image)
@@ -179,6 +185,7 @@ def train_dataset(
     base_scale: tuple[int, int] | None = None,
     scale_choices: tuple[float, ...] | None = None,
     resize: tuple[int, int] | None = None,
+    resample: str = "cv2",
     passes: int = 1,
 ) -> ray.data.Dataset:
     """A training stream of fixed-size crops (decode + random rescale + crop on CPU tasks).
@@ -200,6 +207,8 @@ def train_dataset(
         scale_choices: discrete ratios drawn uniformly instead of the ``scale_range`` interval.
         resize: (h, w) every image is resized to before the drawn ratio scales it, aspect not
             kept (mmseg ``keep_ratio=False``); excludes ``base_scale``.
+        resample: image filter of the rescale, ``"cv2"`` (mmcv) or ``"pillow"`` (PIL, as
+            torchvision): see :func:`~segray.data.decode.random_scale_crop`.
         passes: epochs one execution of the stream covers. Every execution restarts Ray Data's
             executor and the split coordinator (seconds); on a small dataset several epochs per
             execution keep the accelerator fed. Each pass draws its own crops.
@@ -209,7 +218,7 @@ def train_dataset(
         ``labels`` uint8 (K,) and ``valid`` int16 (2,) (the crop's size before padding).
 
     Raises:
-        ValueError: bad ``on_bad_sample`` or ``crop``; with ``on_bad_sample="error"`` also a shard
+        ValueError: bad ``on_bad_sample``, ``crop`` or ``resample``; with ``on_bad_sample="error"`` also a shard
             without a needed column or a repeated key (see
             :func:`~segray.data.preflight.check_split`). Bad rows raise
             :class:`~segray.data.decode.BadSampleError` while streaming; a shard whose bytes
@@ -225,6 +234,8 @@ def train_dataset(
         skip_counter = SkipCounter()
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+    if resample not in RESAMPLE_FILTERS:
+        raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
     fn_kwargs = {"num_classes": info.num_classes, "ignore_index": info.ignore_index,
                  "crop": (int(crop[0]), int(crop[1])),
                  "scale_range": (float(scale_range[0]), float(scale_range[1])), "seed": seed,
@@ -234,7 +245,8 @@ def train_dataset(
                  "scheme": _scheme(info),
                  "base_scale": tuple(int(v) for v in base_scale) if base_scale else None,
                  "scale_choices": tuple(float(v) for v in scale_choices) if scale_choices else None,
-                 "resize": tuple(int(v) for v in resize) if resize else None}
+                 "resize": tuple(int(v) for v in resize) if resize else None,
+                 "resample": resample}
     fn_kwargs["scheme"] = ""  # the work items below carry full URIs
     drop, exclude = check_split(info, split, columns, skip=on_bad_sample == "skip",
                                 counter=skip_counter)
