@@ -14,6 +14,7 @@ from segray.data.manifest import open_dataset
 from segray.data.shards import DatasetWriter
 from segray.data.stream import (
     SkipCounter,
+    batch_rows,
     eval_collate,
     eval_dataset,
     eval_rows,
@@ -130,6 +131,13 @@ def test_resample_filter_reaches_the_decode_tasks(ray_local, synth):
 def _rows(ds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (img, m) for b in ds.iter_batches(batch_size=8, batch_format="numpy")
             for k, img, m in zip(b["key"], b["image"], b["mask"], strict=True)}
+
+
+def test_decode_batches_are_sized_by_bytes():
+    """Decode tasks work in batches of about BATCH_BYTES of crops unless told a row count."""
+    assert batch_rows((128, 128)) == 256 and batch_rows((512, 512)) == 16
+    assert batch_rows((512, 512), np.uint16) == 12 and batch_rows((4096, 4096)) == 1
+    assert batch_rows((8, 8)) == 1024  # capped
 
 
 def test_unlabeled_stream(ray_local, synth):

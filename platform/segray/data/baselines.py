@@ -163,7 +163,7 @@ def ray_data_ceiling(folder: str | Path, names: list[str], *, crop: tuple[int, i
     """A Ray Data stream of decoded, rescaled and cropped rows, and nothing else.
 
     The bytes go to Ray's object store once; each task takes ``rows_per_task`` of them (a shard's
-    worth) and yields blocks of ``batch_size`` rows like the segray stream, so the two differ only
+    worth) and yields batches of ``batch_size`` rows like the segray stream, so the two differ only
     in what segray adds per row: reading shards, checksums, Parquet, validation, seeding. Needs
     a running Ray; iterate it like the segray stream.
 

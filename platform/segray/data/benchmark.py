@@ -276,7 +276,7 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
     import torch
 
     from segray.data.manifest import open_dataset
-    from segray.data.stream import train_collate, train_dataset
+    from segray.data.stream import batch_rows, train_collate, train_dataset
 
     crop = (cfg.crop, cfg.crop)
     loader = torch.utils.data.DataLoader(
@@ -293,10 +293,9 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         stream = train_dataset(open_dataset(uri), "train", crop=crop, scale_range=cfg.scale_range,
-                               seed=cfg.seed, batch_size=cfg.batch_size, passes=cfg.epochs)
-
+                               seed=cfg.seed, passes=cfg.epochs)  # blocks sized as in training
         ceiling = ray_data_ceiling(folder, keys, crop=crop, scale_range=cfg.scale_range,
-                                   batch_size=cfg.batch_size, epochs=cfg.epochs)
+                                   batch_size=batch_rows(crop), epochs=cfg.epochs)
 
         def epochs_of(ds: Any) -> Iterator[Any]:
             yield from ds.iter_torch_batches(batch_size=cfg.batch_size, device="cpu",

@@ -67,7 +67,7 @@ def stream_once(uri: str, crop: int, batch_size: int) -> int:
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    stream = train_dataset(open_dataset(uri), "train", crop=(crop, crop), batch_size=batch_size)
+    stream = train_dataset(open_dataset(uri), "train", crop=(crop, crop))
     print("READY", flush=True)
     n = 0
     for batch in stream.iter_torch_batches(batch_size=batch_size, collate_fn=train_collate,

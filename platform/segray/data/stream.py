@@ -78,6 +78,7 @@ from segray.data.skips import SkipCounter, count_skip
 log = logging.getLogger(__name__)
 
 BAD_SAMPLE_MODES = ("error", "skip")
+BATCH_BYTES = 16 * 2**20  # of crops per decode batch: per-batch costs fade, memory stays small
 
 
 def _key_seed(key: str) -> int:
@@ -181,7 +182,7 @@ def train_dataset(
     labeled: bool = True,
     cat_max_ratio: float = 1.0,
     skip_counter: SkipCounter | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     base_scale: tuple[int, int] | None = None,
     scale_choices: tuple[float, ...] | None = None,
     resize: tuple[int, int] | None = None,
@@ -201,7 +202,10 @@ def train_dataset(
         labeled: require masks; with False the mask column is not read and masks are all ignore.
         cat_max_ratio: largest share one class may take of a crop (1.0 disables the retry).
         skip_counter: where skipped rows are counted (see :class:`SkipCounter`).
-        batch_size: rows per decode task call.
+        batch_size: rows a decode task decodes and hands to Ray Data at a time; None: about
+            ``BATCH_BYTES`` of crops (256 rows of 128x128, 16 of 512x512). Each batch costs a
+            conversion to Arrow and a join into the task's block: 16-row batches of 128x128
+            crops streamed 10 % slower than 256-row ones.
         base_scale: mmseg ``img_scale`` (long, short): ratios scale it and the image is resized
             keeping its aspect to fit; None scales the image's own size.
         scale_choices: discrete ratios drawn uniformly instead of the ``scale_range`` interval.
@@ -251,7 +255,8 @@ def train_dataset(
     drop, exclude = check_split(info, split, columns, skip=on_bad_sample == "skip",
                                 counter=skip_counter)
     # One work item per (pass, shard), shard order permuted per pass. Each item is its own block,
-    # so decode tasks run in parallel and stream their crops one row group at a time. This is
+    # so decode tasks run in parallel (Ray Data joins a task's batches into blocks of up to
+    # DataContext.target_max_block_size, so a shard's crops usually arrive together). This is
     # one Ray Data execution for any number of passes (a union of per-pass reads was measured
     # at 80 s to the first batch for 25 passes vs 6 s for one).
     rng = np.random.default_rng([seed, _key_seed(split)])
@@ -265,8 +270,20 @@ def train_dataset(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return _one_stage(ds.map_batches(
         _train_shard, batch_format="numpy", batch_size=1, udf_modifying_row_count=True,
-        fn_kwargs={"columns": columns, "rows": batch_size, "shards": shards, "split": split,
+        fn_kwargs={"columns": columns, "shards": shards, "split": split,
+                   "rows": batch_size or batch_rows(crop, fn_kwargs["mask_dtype"]),
                    "exclude": exclude, "kwargs": fn_kwargs}))
+
+
+def batch_rows(crop: tuple[int, int], mask_dtype: type = np.uint8) -> int:
+    """Rows of ``crop``-sized training crops that make a decode batch of about ``BATCH_BYTES``.
+
+    Example:
+        >>> batch_rows((128, 128)), batch_rows((512, 512)), batch_rows((1024, 2048), np.uint16)
+        (256, 16, 1)
+    """
+    row = int(crop[0]) * int(crop[1]) * (3 + np.dtype(mask_dtype).itemsize)
+    return int(min(1024, max(1, BATCH_BYTES // row)))
 
 
 def _one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
