@@ -41,7 +41,8 @@ def cmd_data(args) -> dict:
 
     cfg = DataBenchConfig(images=args.images, size=args.size, crop=args.crop,
                           batch_size=args.batch_size, epochs=args.epochs, rounds=args.rounds,
-                          workers=args.workers, rss_factor=args.rss_factor)
+                          workers=args.workers, rss_factor=args.rss_factor,
+                          image_format=args.image_format)
     res = bench_data(cfg, data=args.data, local=args.local, rss=not args.no_rss)
     goals = res["goals"]
 
@@ -50,7 +51,9 @@ def cmd_data(args) -> dict:
         return "met" if ok else "NOT met"
 
     rows = [
-        ("storage / images", f"{res['storage']} / {res['images']} at crop {cfg.crop}, "
+        ("storage / images", f"{res['storage']} / {res['images']} "
+                             f"{'' if args.data else cfg.image_format.upper() + ' '}"
+                             f"at crop {cfg.crop}, "
                              f"batch {cfg.batch_size}, {cfg.epochs} epochs x {cfg.rounds} rounds"),
         ("segray pipeline images/s", f"{res['segray_images_per_s']:.1f}"),
         (f"DataLoader({cfg.workers}) + PIL images/s", f"{res['dataloader_images_per_s']:.1f}"),
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--images", type=int, default=512, help="synthetic images (1x dataset)")
     d.add_argument("--size", type=int, default=256, help="synthetic image side")
     d.add_argument("--crop", type=int, default=128, help="training crop side")
+    d.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"],
+                   help="encoding of the synthetic images")
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--epochs", type=int, default=20, help="epochs per timed round")
     d.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")

@@ -147,3 +147,19 @@ def test_process_tree_memory_sums_children():
     finally:
         os.killpg(child.pid, 9)  # the session started above: the child and its child
         child.wait()
+
+
+def test_synthetic_images_in_either_format():
+    """``--image-format png`` writes lossless PNG images (the decode-heavy case); JPEG stays the
+    default; the masks are the same class-id PNGs either way."""
+    from segray.data.benchmark import DataBenchConfig, _synthetic_rows
+    from segray.data.decode import decode_image
+
+    jpeg = _synthetic_rows(DataBenchConfig(images=3, size=24))
+    png = _synthetic_rows(DataBenchConfig(images=3, size=24, image_format="png"))
+    assert all(r["image"][:3] == b"\xff\xd8\xff" for r in jpeg)
+    assert all(r["image"][:8] == b"\x89PNG\r\n\x1a\n" for r in png)
+    assert [r["mask"] for r in jpeg] == [r["mask"] for r in png]
+    assert decode_image(png[0]["image"]).shape == (24, 24, 3)
+    with pytest.raises(ValueError, match="image_format must be 'jpeg' or 'png'"):
+        _synthetic_rows(DataBenchConfig(images=1, size=8, image_format="webp"))
