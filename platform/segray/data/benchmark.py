@@ -300,10 +300,14 @@ def _throughput(cfg: DataBenchConfig, uri: str, folder: Path, keys: list[str],
              log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        stream = train_dataset(open_dataset(uri), "train", crop=crop, scale_range=cfg.scale_range,
-                               seed=cfg.seed, passes=cfg.epochs)  # blocks sized as in training
+        info = open_dataset(uri)
+        stream = train_dataset(info, "train", crop=crop, scale_range=cfg.scale_range,
+                               seed=cfg.seed, passes=cfg.epochs)  # batches sized as in training
+        # Tasks of a shard's rows, as the stream's: a task's crops arrive as one block, and
+        # fewer, larger blocks than the stream's would time lumps, not a rate.
         ceiling = ray_data_ceiling(folder, keys, crop=crop, scale_range=cfg.scale_range,
-                                   batch_size=batch_rows(crop), epochs=cfg.epochs)
+                                   batch_size=batch_rows(crop), epochs=cfg.epochs,
+                                   rows_per_task=max(s.rows for s in info.splits["train"]))
 
         def epochs_of(ds: Any) -> Iterator[Any]:
             yield from ds.iter_torch_batches(batch_size=cfg.batch_size, device="cpu",
