@@ -135,9 +135,9 @@ def _rows(ds) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def test_decode_batches_are_sized_by_bytes():
     """Decode tasks work in batches of about BATCH_BYTES of crops unless told a row count."""
-    assert batch_rows((128, 128)) == 256 and batch_rows((512, 512)) == 16
-    assert batch_rows((512, 512), np.uint16) == 12 and batch_rows((4096, 4096)) == 1
-    assert batch_rows((8, 8)) == 1024  # capped
+    assert batch_rows((128, 128)) == 32 and batch_rows((512, 512)) == 2
+    assert batch_rows((256, 256), np.uint16) == 6 and batch_rows((4096, 4096)) == 1
+    assert batch_rows((16, 16)) == 1024  # capped
 
 
 def test_unlabeled_stream(ray_local, synth):
