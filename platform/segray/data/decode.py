@@ -5,8 +5,8 @@ pixels as Pillow, which bundles the same library, in two thirds of the time (its
 overhead is the difference). Everything else (PNG, other formats, CMYK JPEG, a JPEG with
 damage libjpeg can recover from) goes through Pillow, whose errors name what is wrong.
 
-Pure NumPy/PIL/OpenCV, no Ray: the Ray Data stream (:mod:`segray.data.stream`) calls these per row, and
-tools and tests call them directly. Flips and photometric/strong augmentation are not here: they
+Pure NumPy/PIL/OpenCV, no Ray: the Ray Data stream (:mod:`segray.data.stream`) calls these per
+row, and tools and tests call them directly. Flips and photometric/strong augmentation are not here: they
 run on the training device in :mod:`segray.augment`.
 
 Example:
@@ -264,7 +264,7 @@ def random_scale_crop(
 def _cv2() -> Any:
     import cv2
 
-    cv2.setNumThreads(1)  # on 2 threads a 128x128 window took 40 % more CPU in all
+    cv2.setNumThreads(1)  # on 2 threads a 128x128 window took 45 % more CPU in all
     return cv2
 
 
