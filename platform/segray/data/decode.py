@@ -6,8 +6,8 @@ overhead is the difference). Everything else (PNG, other formats, CMYK JPEG, a J
 damage libjpeg can recover from) goes through Pillow, whose errors name what is wrong.
 
 Pure NumPy/PIL/OpenCV, no Ray: the Ray Data stream (:mod:`segray.data.stream`) calls these per
-row, and tools and tests call them directly. Flips and photometric/strong augmentation are not here: they
-run on the training device in :mod:`segray.augment`.
+row, and tools and tests call them directly. Flips and photometric/strong augmentation are not
+here: they run on the training device in :mod:`segray.augment`.
 
 Example:
     >>> rng = np.random.default_rng(0)
