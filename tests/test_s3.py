@@ -14,6 +14,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import job_env, run_job
@@ -65,6 +67,32 @@ def test_prepared_dataset_on_s3(s3, s3_env, dataset):
     assert info.uri == "s3://bucket/synth" and info.num_rows("train") == 32
     assert verify_shards(info) == 4
     assert len(list(iter_rows(info, "val"))) == 8
+
+
+def test_region_and_credentials_from_a_profile(s3, dataset, tmp_path):
+    """With no AWS_REGION or key variables, the profile's region and keys are used, as boto3 would.
+
+    A fresh process each time: the AWS SDK reads its config files once per process.
+    """
+    (tmp_path / "config").write_text("[profile lab]\nregion = eu-west-2\n")
+    (tmp_path / "credentials").write_text(
+        f"[lab]\naws_access_key_id = {s3.env['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {s3.secret}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3.endpoint, AWS_EC2_METADATA_DISABLED="true", AWS_PROFILE="lab",
+               AWS_CONFIG_FILE=str(tmp_path / "config"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"))
+    probe = ("from segray import storage; from segray.data.manifest import open_dataset; "
+             f"print(storage.s3_filesystem().region, open_dataset({dataset!r}).num_rows('val'))")
+
+    def run(**extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", probe], env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert run() == "eu-west-2 8"
+    assert run(AWS_REGION="ap-south-1") == "ap-south-1 8"  # the variable wins over the profile
 
 
 def test_large_write_is_one_complete_object(s3, s3_env):

@@ -24,6 +24,10 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
+# What the AWS SDK reads to pick credentials and region; a change means a fresh client.
+_S3_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
+                   "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def is_s3(uri: str) -> bool:
@@ -61,22 +65,20 @@ def _s3_endpoint() -> tuple[str | None, str]:
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem configured from the standard AWS environment.
 
-    Credentials are resolved by the AWS SDK's default chain (environment, profile, instance role);
-    only the endpoint and region are read here.
+    Credentials and the region are resolved by the AWS SDK's default chain (``AWS_REGION``, the
+    profile's ``region`` in ``~/.aws/config``, instance metadata; ``us-east-1`` when none says);
+    only the endpoint is read here.
     """
     endpoint, scheme = _s3_endpoint()
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    # Credentials are part of the cache key so a changed environment gets a fresh client; the key
-    # is a digest, so no secret is kept in plain text beyond what the SDK already holds.
+    # The environment is part of the cache key so a changed environment gets a fresh client; the
+    # key is a digest, so no secret is kept in plain text beyond what the SDK already holds.
     secret = hashlib.sha256(
-        "|".join(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                  "AWS_SESSION_TOKEN", "AWS_PROFILE")).encode()
-    ).hexdigest()
-    key = (endpoint, scheme, region, secret)
+        "|".join(os.environ.get(k, "") for k in _S3_ENVIRONMENT).encode()).hexdigest()
+    key = (endpoint, scheme, secret)
     if key not in _S3_CACHE:
         # Delayed open sends a small file as one PutObject instead of a multipart upload; a large
         # file still goes multipart and is visible only once the upload completes.
-        kwargs: dict = {"region": region, "allow_delayed_open": True}
+        kwargs: dict = {"allow_delayed_open": True}
         if endpoint:
             kwargs.update(endpoint_override=endpoint, scheme=scheme)
         _S3_CACHE[key] = pafs.S3FileSystem(**kwargs)
