@@ -24,6 +24,7 @@ from methods.masksup import (
     official_target_resize,
     random_holes,
     resolve_ratio_range,
+    supervised_loss,
 )
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -169,6 +170,23 @@ def test_consistency_gradients(binary: bool) -> None:
     assert grads["argmax"] == (0.0, 0.0)  # the official argmax form trains nothing
 
 
+@pytest.mark.parametrize("stop", ["clean", "masked"])
+def test_stop_gradient_detaches_one_branch_of_the_consistency(stop: str) -> None:
+    target = torch.randint(0, 4, (2, 8, 8))
+    clean = torch.randn(2, 4, 8, 8, requires_grad=True)
+    masked = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = masksup_loss(clean, masked, target, alpha=0, beta=0, gamma=1, binary=False,
+                       stop_gradient=stop)
+    out["loss"].backward()
+    stopped, pulled = (clean, masked) if stop == "clean" else (masked, clean)
+    assert stopped.grad.abs().sum().item() == 0.0 and pulled.grad.abs().sum().item() > 0
+    # The supervised terms keep their gradient through the stopped branch.
+    clean.grad = masked.grad = None
+    masksup_loss(clean, masked, target, gamma=1, binary=False,
+                 stop_gradient=stop)["loss"].backward()
+    assert stopped.grad.abs().sum().item() > 0
+
+
 def test_loss_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="1 logit channel"):
         masksup_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2),
@@ -176,6 +194,9 @@ def test_loss_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="unknown consistency"):
         masksup_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2),
                      torch.zeros(1, 2, 2, dtype=torch.long), binary=False, consistency="kl")  # fmt: skip
+    with pytest.raises(ValueError, match="unknown stop_gradient"):
+        masksup_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2),
+                     torch.zeros(1, 2, 2, dtype=torch.long), binary=False, stop_gradient="x")  # fmt: skip
 
 
 # ---------------------------------------------------------------- paper metric
@@ -350,6 +371,45 @@ def test_training_step_two_separate_forward_passes() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_base_trainer_is_one_clean_pass() -> None:
+    """``trainer: base`` is the official baseline: BatchNorm never sees a masked batch."""
+    method = _method(trainer="base", alpha=0.5)
+    model = method.build()
+    batch = _batch(4)
+    out = method.training_step(model, batch, step=0)
+    assert set(out) == {"loss", "loss_clean"}
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(int(bn.num_batches_tracked) == 1 for bn in bns)
+    twin = copy.deepcopy(model).train()
+    expected = supervised_loss(twin(batch["image"]), batch["mask"], binary=False)
+    assert out["loss"].item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
+
+
+def test_cb_trainer_drops_the_consistency_term() -> None:
+    batch = _batch(4)
+    full = _method(holes="patches", mask_ratio=0.5, patch_size=8)
+    model = full.build()
+    twin = copy.deepcopy(model)
+    a = full.training_step(model, batch, step=3)
+    b = _method(holes="patches", mask_ratio=0.5, patch_size=8,
+                trainer="cb").training_step(twin, batch, step=3)
+    assert a["loss_consistency"].item() == b["loss_consistency"].item() > 0  # still logged
+    assert b["loss"].item() == pytest.approx((b["loss_clean"] + b["loss_masked"]).item())
+    assert a["loss"].item() == pytest.approx(b["loss"].item() + a["loss_consistency"].item())
+
+
+def test_mask_prob_masks_a_share_of_the_samples() -> None:
+    method = _method(holes="patches", mask_ratio=0.5, patch_size=8, mask_prob=0.5)
+    model = method.build()
+    ratios = [method.training_step(model, _batch(4, b=8), step=s)["hole_ratio"].item()
+              for s in range(40)]
+    # Each sample hides half its pixels when chosen: the batch ratio is 0.5 * (chosen / 8).
+    assert all(r * 16 == round(r * 16) for r in ratios)
+    assert 0.2 < sum(ratios) / len(ratios) < 0.3
+    assert _method(holes="patches", mask_ratio=0.5, patch_size=8, mask_prob=0.0).training_step(
+        model, _batch(4, b=8), step=0)["hole_ratio"].item() == 0.0
+
+
 def test_training_step_is_reproducible_per_step() -> None:
     method = _method(holes="patches", mask_ratio=0.5, patch_size=8)
     model = method.build()
@@ -384,6 +444,9 @@ def test_method_validation_errors() -> None:
         _method(holes="squares", consistency="kl", binary=True)
     assert "holes" in str(err.value) and "consistency" in str(err.value)
     assert "binary" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        _method(trainer="ts", stop_gradient="both", mask_prob=1.5)
+    assert all(k in str(err.value) for k in ("trainer", "stop_gradient", "mask_prob"))
     with pytest.raises(ValueError, match="224x224"):
         _method(arch="levit_unet_384")
     with pytest.raises(ValueError, match="from scratch"):

@@ -7,7 +7,7 @@ score, not a class-mean IoU).
 from __future__ import annotations
 
 from methods.masksup.holes import mask_images, random_holes, resolve_ratio_range
-from methods.masksup.losses import masksup_loss
+from methods.masksup.losses import masksup_loss, supervised_loss
 from methods.masksup.method import MaskSup, MaskSupKnobs
 from methods.masksup.metrics import (
     BINARY_NAME,
@@ -41,4 +41,5 @@ __all__ = [
     "official_target_resize",
     "random_holes",
     "resolve_ratio_range",
+    "supervised_loss",
 ]

@@ -9,7 +9,8 @@
   the logged loss only, so the trained model is the one of CE(clean) + CE(masked) ("CB" in the
   paper's ablation). For binary tasks ``argmax`` compares the hard predictions (logit > 0).
 
-No stop-gradient is applied to either branch of C, as in the official code. Supervised terms are
+No stop-gradient is applied to either branch of C, as in the official code (``stop_gradient``
+detaches one branch instead, a sweep option). Supervised terms are
 means over labelled pixels: pixels equal to ``ignore_index`` are skipped (the official code has
 no ignore index; it maps NYUDv2's void label to class 0 in its data instead). The consistency
 term needs no labels and averages over every pixel.
@@ -27,11 +28,47 @@ import torch
 import torch.nn.functional as F
 
 CONSISTENCY = ("softmax_mse", "argmax")
+STOP_GRADIENT = ("none", "clean", "masked")
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     # Sum / count instead of .mean() so an all-ignored batch gives 0 rather than NaN.
     return (values * valid).sum() / valid.sum().clamp_min(1)
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, *, binary: bool,
+                    ignore_index: int = 255) -> torch.Tensor:
+    """L of one view: BCE with logits on one channel (``binary``) or cross-entropy, in float32,
+    averaged over the pixels whose target is not ``ignore_index``.
+
+    Args:
+        logits: (B, 1, H, W) when ``binary`` else (B, K, H, W).
+        target: int64 (B, H, W); binary tasks use {0, 1} (and ``ignore_index``).
+        binary: one-logit sigmoid task.
+        ignore_index: target value excluded from the mean.
+
+    Raises:
+        ValueError: a binary task whose logits have more than one channel.
+    """
+    logits = logits.float()
+    valid = target != ignore_index  # (B, H, W)
+    if binary:
+        if logits.shape[1] != 1:
+            raise ValueError(
+                f"a binary task needs 1 logit channel, got {logits.shape[1]}; build the model "
+                "with one output or set binary to false"
+            )
+        y = (target == 1).float().unsqueeze(1)  # (B, 1, H, W)
+        return _masked_mean(F.binary_cross_entropy_with_logits(logits, y, reduction="none"),
+                            valid.unsqueeze(1).float())
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    return _masked_mean(F.cross_entropy(logits, safe, reduction="none"), valid.float())
+
+
+def _stop(clean: torch.Tensor, masked: torch.Tensor, which: str) -> tuple[torch.Tensor, ...]:
+    # Only the consistency term sees the detached copy; the supervised terms keep their gradient.
+    return (clean.detach() if which == "clean" else clean,
+            masked.detach() if which == "masked" else masked)
 
 
 def masksup_loss(
@@ -45,6 +82,7 @@ def masksup_loss(
     binary: bool,
     consistency: str = "softmax_mse",
     ignore_index: int = 255,
+    stop_gradient: str = "none",
 ) -> dict[str, torch.Tensor]:
     """The MaskSup loss of one batch and its three parts.
 
@@ -59,6 +97,9 @@ def masksup_loss(
         consistency: ``"softmax_mse"`` (probability MSE, differentiable) or ``"argmax"``
             (hard-prediction MSE, no gradient, the official NYUDv2 form).
         ignore_index: target value excluded from the supervised terms.
+        stop_gradient: branch of the consistency term that is detached: ``"none"`` (official:
+            C pulls both predictions), ``"clean"`` (the clean prediction is a fixed target) or
+            ``"masked"``.
 
     Returns:
         ``loss`` (weighted sum, to back-propagate) and the unweighted ``loss_clean``,
@@ -66,10 +107,13 @@ def masksup_loss(
 
     Raises:
         ValueError: on mismatched shapes, a binary task without exactly one logit channel, or an
-            unknown ``consistency``.
+            unknown ``consistency`` or ``stop_gradient``.
     """
     if consistency not in CONSISTENCY:
         raise ValueError(f"unknown consistency {consistency!r}; expected one of {CONSISTENCY}")
+    if stop_gradient not in STOP_GRADIENT:
+        raise ValueError(f"unknown stop_gradient {stop_gradient!r}; expected one of "
+                         f"{STOP_GRADIENT}")
     if clean_logits.shape != masked_logits.shape:
         raise ValueError(
             f"clean and masked logits differ in shape: {tuple(clean_logits.shape)} vs "
@@ -82,28 +126,18 @@ def masksup_loss(
         )
     # Losses in float32 even under autocast, as the official AMP trainer does (.float()).
     clean, masked = clean_logits.float(), masked_logits.float()
-    valid = target != ignore_index  # (B, H, W)
     if binary:
-        if clean.shape[1] != 1:
-            raise ValueError(
-                f"a binary task needs 1 logit channel, got {clean.shape[1]}; build the model "
-                "with one output or set binary to false"
-            )
-        y = (target == 1).float().unsqueeze(1)  # (B, 1, H, W)
-        w = valid.unsqueeze(1).float()  # (B, 1, H, W)
-        loss_clean = _masked_mean(F.binary_cross_entropy_with_logits(clean, y, reduction="none"), w)
-        loss_masked = _masked_mean(
-            F.binary_cross_entropy_with_logits(masked, y, reduction="none"), w
-        )
+        loss_clean = supervised_loss(clean, target, binary=True, ignore_index=ignore_index)
+        loss_masked = supervised_loss(masked, target, binary=True, ignore_index=ignore_index)
+        clean, masked = _stop(clean, masked, stop_gradient)
         if consistency == "softmax_mse":
             loss_cons = F.mse_loss(torch.sigmoid(clean), torch.sigmoid(masked))
         else:
             loss_cons = F.mse_loss((clean > 0).float(), (masked > 0).float())
     else:
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        w = valid.float()
-        loss_clean = _masked_mean(F.cross_entropy(clean, safe, reduction="none"), w)
-        loss_masked = _masked_mean(F.cross_entropy(masked, safe, reduction="none"), w)
+        loss_clean = supervised_loss(clean, target, binary=False, ignore_index=ignore_index)
+        loss_masked = supervised_loss(masked, target, binary=False, ignore_index=ignore_index)
+        clean, masked = _stop(clean, masked, stop_gradient)
         if consistency == "softmax_mse":
             loss_cons = F.mse_loss(clean.softmax(1), masked.softmax(1))
         else:

@@ -21,7 +21,15 @@ Knobs (defaults are the paper's):
   tune — patches: fraction of patches hidden; freeform: centre of the range (None: as given);
   ``fill``: value of hidden pixels, normalised.
 - ``alpha``, ``beta``, ``gamma``: weights of the clean, masked and consistency terms (1, 1, 1);
-  ``consistency``: ``softmax_mse`` or ``argmax`` (the official NYUDv2 form, no gradient).
+  ``consistency``: ``softmax_mse`` or ``argmax`` (the official NYUDv2 form, no gradient);
+  ``stop_gradient``: the consistency branch that is detached (``none``, as the official code;
+  ``clean``; ``masked``).
+- ``trainer``: the three official trainers of the paper's ablation: ``cb_ts`` (MaskSup: clean +
+  masked + consistency, default), ``cb`` (clean + masked, no consistency term; it is still
+  logged) and ``base`` (the clean image only: one forward pass, so BatchNorm never sees a masked
+  batch and ``alpha`` alone weighs the loss).
+- ``mask_prob``: the chance that a sample of the batch is masked (1.0: every sample, every step,
+  as the official code); unmasked samples enter the masked pass clean.
 - ``void_to_class``: the class that void pixels (the ignore index) count as in the losses and in
   the paper metric (None: ignored). The official NYUDv2 code maps void (255) to class 0 and has no
   ignore index, and its reported 39.31 counts them, so the ``nyudv2_unetpp`` preset sets 0; the
@@ -64,9 +72,11 @@ from torch import nn
 
 from methods.base import MethodContext
 from methods.masksup.holes import HOLE_KINDS, mask_images, random_holes, resolve_ratio_range
-from methods.masksup.losses import CONSISTENCY, masksup_loss
+from methods.masksup.losses import CONSISTENCY, STOP_GRADIENT, masksup_loss, supervised_loss
 from methods.masksup.metrics import PaperMetric
 from methods.masksup.models import ARCHS, LeViTUNet384, build_model
+
+TRAINERS = ("cb_ts", "cb", "base")
 
 
 @dataclass
@@ -87,6 +97,9 @@ class MaskSupKnobs:
     beta: float = 1.0
     gamma: float = 1.0
     consistency: Literal["softmax_mse", "argmax"] = "softmax_mse"
+    stop_gradient: Literal["none", "clean", "masked"] = "none"
+    trainer: Literal["cb_ts", "cb", "base"] = "cb_ts"
+    mask_prob: float = 1.0
     void_to_class: int | None = None
     predict_size: list[int] | None = None
     paper_metric_size: list[int] | None = field(default_factory=lambda: [224, 224])
@@ -107,6 +120,12 @@ def _validate(k: MaskSupKnobs, ctx: MethodContext) -> list[str]:
         )
     except (ValueError, TypeError) as e:
         errors.append(str(e))
+    if k.stop_gradient not in STOP_GRADIENT:
+        errors.append(f"stop_gradient {k.stop_gradient!r} is not one of {STOP_GRADIENT}")
+    if k.trainer not in TRAINERS:
+        errors.append(f"trainer {k.trainer!r} is not one of {TRAINERS}")
+    if not 0.0 <= float(k.mask_prob) <= 1.0:
+        errors.append(f"mask_prob must lie in [0, 1], got {k.mask_prob}")
     if int(k.patch_size) < 1:
         errors.append(f"patch_size must be >= 1, got {k.patch_size}")
     if int(k.width) < 1:
@@ -208,7 +227,7 @@ class MaskSup:
     def training_step(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> dict[str, torch.Tensor]:
-        """Two forward passes (clean, masked) and the MaskSup loss.
+        """Two forward passes (clean, masked) and the MaskSup loss (one pass for ``base``).
 
         Args:
             model: the network from :meth:`build`.
@@ -217,13 +236,19 @@ class MaskSup:
 
         Returns:
             ``loss``, ``loss_clean``, ``loss_masked``, ``loss_consistency`` and ``hole_ratio``
-            (the hidden fraction of this batch's masks).
+            (the hidden fraction of this batch's masks); ``trainer: base`` gives ``loss`` and
+            ``loss_clean`` only.
         """
         k = self.knobs
         images, target = batch["image"], batch["mask"]
         if k.void_to_class is not None:
             target = target.masked_fill(target == self.ctx.ignore_index, int(k.void_to_class))
+        if k.trainer == "base":
+            loss_clean = supervised_loss(model(images), target, binary=self.binary,
+                                         ignore_index=self.ctx.ignore_index)
+            return {"loss": k.alpha * loss_clean, "loss_clean": loss_clean.detach()}
         b, _, h, w = images.shape
+        generator = self._generator(step)
         holes = random_holes(
             b,
             h,
@@ -232,9 +257,12 @@ class MaskSup:
             mask_ratio=k.mask_ratio,
             patch_size=k.patch_size,
             ratio_range=k.hole_ratio_range,
-            generator=self._generator(step),
+            generator=generator,
             device=images.device,
         )  # (B, 1, H, W)
+        if k.mask_prob < 1.0:
+            chosen = torch.rand(b, generator=generator) < k.mask_prob
+            holes = holes * chosen.to(holes.device, holes.dtype).view(b, 1, 1, 1)
         masked = mask_images(images, holes, fill=k.fill)
         # Two calls, not one concatenated batch: BatchNorm must see each view on its own.
         clean_logits = model(images)
@@ -245,10 +273,11 @@ class MaskSup:
             target,
             alpha=k.alpha,
             beta=k.beta,
-            gamma=k.gamma,
+            gamma=0.0 if k.trainer == "cb" else k.gamma,
             binary=self.binary,
             consistency=k.consistency,
             ignore_index=self.ctx.ignore_index,
+            stop_gradient=k.stop_gradient,
         )
         out["hole_ratio"] = holes.mean()
         return out
