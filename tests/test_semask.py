@@ -49,6 +49,23 @@ def test_backbone_feature_and_prior_shapes():
     assert net.strides == [4, 8, 16, 32] and net.channels == [16, 32, 64, 128]
 
 
+def test_semantic_blocks_per_stage():
+    """``num_sem_blocks`` is one count for every stage or one per stage (official: [1, 1, 1, 1])."""
+    net = build_semask_swin("swin_tiny_patch4_window7_224", num_classes=5, img_size=64,
+                            encoder_kwargs=TINY, num_sem_blocks=[1, 2, 1, 3])
+    assert [len(layer.blocks) for layer in net.semantic_layers] == [1, 2, 1, 3]
+    same = build_semask_swin("swin_tiny_patch4_window7_224", num_classes=5, img_size=64,
+                             encoder_kwargs=TINY, num_sem_blocks=2)
+    assert [len(layer.blocks) for layer in same.semantic_layers] == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="one count per stage"):
+        build_semask_swin("swin_tiny_patch4_window7_224", num_classes=5, img_size=64,
+                          encoder_kwargs=TINY, num_sem_blocks=[1, 1])
+    with pytest.raises(ValueError, match="num_sem_blocks must be >= 1 for every stage"):
+        SeMaskKnobs(num_sem_blocks=[1, 0, 1, 1])
+    model = tiny_method(knobs=SeMaskKnobs(num_sem_blocks=[1, 1, 2, 1])).build()
+    assert [len(layer.blocks) for layer in model.backbone.semantic_layers] == [1, 1, 2, 1]
+
+
 def test_official_attention_rule():
     assert stage_attention(96, 150) == ["windowed", "windowed", "global", "global"]  # Swin-T ADE
     assert stage_attention(192, 171) == ["windowed", "windowed", "global", "global"]  # Swin-L COCO

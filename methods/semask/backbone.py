@@ -180,7 +180,8 @@ class SeMaskSwin(nn.Module):
         num_classes: number of classes K of the semantic priors.
         attention: per-stage ``"windowed"`` / ``"global"`` (see :func:`stage_attention`).
         sem_window: window of the windowed semantic layers.
-        num_sem_blocks: SemanticAttention blocks per semantic layer.
+        num_sem_blocks: SemanticAttention blocks per semantic layer: one count for every stage,
+            or one per stage.
         **attn_kwargs: passed to :class:`SemanticAttention` (dropout, gamma_init, scaled).
 
     Attributes:
@@ -188,7 +189,8 @@ class SeMaskSwin(nn.Module):
     """
 
     def __init__(self, trunk: SwinTransformer, num_classes: int, attention: Sequence[str],
-                 sem_window: int, num_sem_blocks: int = 1, **attn_kwargs: Any) -> None:
+                 sem_window: int, num_sem_blocks: int | Sequence[int] = 1,
+                 **attn_kwargs: Any) -> None:
         super().__init__()
         self.patch_embed = trunk.patch_embed
         self.layers = trunk.layers
@@ -199,10 +201,15 @@ class SeMaskSwin(nn.Module):
         if len(self.attention) != len(self.channels):
             raise ValueError(f"attention needs one entry per stage ({len(self.channels)}), "
                              f"got {self.attention}")
+        blocks = ([int(num_sem_blocks)] * len(self.channels) if isinstance(num_sem_blocks, int)
+                  else [int(n) for n in num_sem_blocks])
+        if len(blocks) != len(self.channels):
+            raise ValueError(f"num_sem_blocks needs one count per stage ({len(self.channels)}), "
+                             f"got {list(num_sem_blocks)}")
         self.semantic_layers = nn.ModuleList(
             SemanticLayer(c, num_classes, window=sem_window if a == "windowed" else 0,
-                          num_blocks=num_sem_blocks, **attn_kwargs)
-            for c, a in zip(self.channels, self.attention))
+                          num_blocks=n, **attn_kwargs)
+            for c, a, n in zip(self.channels, self.attention, blocks))
         for i, c in enumerate(self.channels):
             self.add_module(f"norm{i}", nn.LayerNorm(c))
 
@@ -285,7 +292,7 @@ def swin_window(trunk: SwinTransformer, encoder_kwargs: dict[str, Any] | None = 
 
 def build_semask_swin(encoder: str, num_classes: int, img_size: Sequence[int] | int,
                       encoder_kwargs: dict[str, Any] | None = None, attention: str = "official",
-                      sem_window_size: int = 0, num_sem_blocks: int = 1,
+                      sem_window_size: int = 0, num_sem_blocks: int | Sequence[int] = 1,
                       **attn_kwargs: Any) -> SeMaskSwin:
     """Build a SeMask Swin backbone (random weights; see :func:`load_pretrained`).
 
@@ -296,7 +303,7 @@ def build_semask_swin(encoder: str, num_classes: int, img_size: Sequence[int] | 
         encoder_kwargs: extra ``timm.create_model`` arguments.
         attention: ``official`` | ``windowed`` | ``global`` (see :func:`stage_attention`).
         sem_window_size: window of windowed semantic layers; 0 = the Swin window.
-        num_sem_blocks: SemanticAttention blocks per stage.
+        num_sem_blocks: SemanticAttention blocks per stage: one count, or one per stage.
         **attn_kwargs: dropout, gamma_init, scaled (see :class:`SemanticAttention`).
 
     Returns:

@@ -62,7 +62,8 @@ class SeMaskKnobs:
         attention: per-stage extent of the semantic attention: ``official`` (the hard-coded rule:
             Swin-T/S/L with K > 19 -> stages 1-2 windowed, 3-4 global; otherwise all windowed),
             ``windowed`` or ``global`` for every stage.
-        num_sem_blocks: SemanticAttention blocks per stage (1).
+        num_sem_blocks: SemanticAttention blocks per semantic layer: one count for every stage
+            (1) or one per stage (the official config's ``[1, 1, 1, 1]``).
         sem_window_size: window of windowed semantic layers; 0 = the Swin window (7 or 12).
         sem_dropout: dropout on the semantic-attention branch (0.1, hard-coded officially).
         gamma_init: initial value of the semantic branch's scalar gate (0).
@@ -75,7 +76,7 @@ class SeMaskKnobs:
 
     prior_weight: float = 0.4
     attention: str = "official"
-    num_sem_blocks: int = 1
+    num_sem_blocks: int | list[int] = 1
     sem_window_size: int = 0
     sem_dropout: float = 0.1
     gamma_init: float = 0.0
@@ -90,9 +91,11 @@ class SeMaskKnobs:
             errors.append(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.prior_weight < 0:
             errors.append(f"prior_weight must be >= 0, got {self.prior_weight}")
-        if self.num_sem_blocks < 1:
-            errors.append(f"num_sem_blocks must be >= 1 (the priors need a block), "
-                          f"got {self.num_sem_blocks}")
+        counts = (self.num_sem_blocks if isinstance(self.num_sem_blocks, list)
+                  else [self.num_sem_blocks])
+        if not counts or min(counts) < 1:
+            errors.append(f"num_sem_blocks must be >= 1 for every stage (the priors need a "
+                          f"block), got {self.num_sem_blocks}")
         if self.sem_window_size < 0:
             errors.append(f"sem_window_size must be >= 0 (0 = the Swin window), "
                           f"got {self.sem_window_size}")
