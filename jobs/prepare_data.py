@@ -20,7 +20,7 @@ from collections.abc import Callable
 from segray import storage
 from segray.cli import fraction, positive_int
 from segray.data import DatasetInfo, convert_folder, make_synthetic
-from segray.data.converters import CONVERTERS, add_common_arguments
+from segray.data.converters import CONVERTERS, OptionError, add_common_arguments
 
 
 def _add_synthetic(p: argparse.ArgumentParser) -> None:
@@ -85,7 +85,10 @@ def _public_dataset(name: str) -> tuple[str, Callable, Handler]:
     def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DatasetInfo:
         if not storage.is_dir(args.src):
             parser.error(f"source folder {args.src} does not exist")
-        return conv.convert(args.src, args.dst, args)
+        try:
+            return conv.convert(args.src, args.dst, args)
+        except OptionError as e:  # an option the source tree refutes: a usage error
+            parser.error(str(e))
 
     return conv.help, add, run
 

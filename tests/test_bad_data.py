@@ -91,8 +91,13 @@ def _row_variants(rows: list[dict], row: int = 5) -> dict[str, tuple[list[dict],
     h, w = rows[row]["height"], rows[row]["width"]
     out_of_range = np.zeros((h, w), np.uint8)
     out_of_range[0, :3] = [1, NUM_CLASSES + 3, 255]  # 9 is no class; 255 (ignore) is fine
+    jpeg = rows[row]["image"]
+    assert jpeg[:2] == b"\xff\xd8", "the synthetic set stores this row as a JPEG"
+    sos = jpeg.index(b"\xff\xda")
     return {
         "corrupt_image": with_row(image=b"\xff\xd8\xff\xe0 truncated jpeg"),
+        # A scan cut to a third, an end marker appended: Pillow makes up the rest of the image.
+        "cut_jpeg": with_row(image=jpeg[: sos + (len(jpeg) - sos) // 3] + b"\xff\xd9"),
         "mask_size": with_row(mask=encode_mask_png(np.zeros((h + 3, w), np.uint8))),
         "label_range": with_row(mask=encode_mask_png(out_of_range)),
     }
@@ -108,6 +113,8 @@ def test_row_checks_name_shard_and_key(good):
         assert e.value.key == r["key"] and "train-00001.parquet" in str(e.value), case
         h, w = r["height"], r["width"]
         expected = {"corrupt_image": "cannot decode",
+                    "cut_jpeg": "image: cannot decode image bytes (damaged JPEG data: libjpeg "
+                                "warns 'Corrupt JPEG data: premature end of data segment'",
                     "mask_size": f"mask is {h + 3}x{w} but image is {h}x{w}",
                     "label_range": "label values [9] outside [0, 6)"}[case]
         assert expected in str(e.value)
@@ -201,6 +208,121 @@ def test_changed_shard_fails_every_reader(tmp_path, good):
     assert len(list(iter_rows(ds, "val"))) == 4
 
 
+def test_row_count_differs_from_manifest(tmp_path, good):
+    """A shard whose footer holds another number of rows than the manifest records (an empty one
+    included) is an error naming it, though its size and checksum match."""
+    info, train, val = good
+    dst = _write(tmp_path / "rows", info, train, val)
+    manifest = json.loads((dst / "dataset.json").read_text())
+    manifest["splits"]["val"][0]["rows"] = 6  # the file holds 4
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"shard .*val-00000\.parquet of split 'val' holds 4 "
+                                         r"rows, the manifest says 6"):
+        check_split(open_dataset(str(dst)), "val", ["key", "image", "mask"])
+    empty = _write(tmp_path / "empty-shard", info, train, val)
+    _rewrite_shard(empty, "train-00001.parquet", lambda t: t.slice(0, 0))
+    manifest = json.loads((empty / "dataset.json").read_text())
+    manifest["splits"]["train"][1]["rows"] = 4  # as before the shard was emptied
+    (empty / "dataset.json").write_text(json.dumps(manifest))
+    ds = open_dataset(str(empty))
+    assert ds.num_rows("train") == 16
+    for split in ("train", "val"):  # every split's check scans the whole dataset
+        with pytest.raises(DatasetError, match=r"train-00001\.parquet of split 'train' holds 0 "
+                                             r"rows, the manifest says 4"):
+            check_split(ds, split, ["key", "image", "mask"])
+
+
+class _Tally:
+    """A :class:`~segray.data.skips.SkipCounter` without Ray: the actor's own bookkeeping."""
+
+    def __init__(self) -> None:
+        from segray.data.skips import _SkipTally
+
+        self.tally = _SkipTally()
+
+    def record(self, error: BadSampleError, row: int | None = None) -> None:
+        self.tally.add(error.shard, error.key, error.reason, row)
+
+    @property
+    def total(self) -> int:
+        return self.tally.total
+
+
+def test_skips_count_rows_not_keys(tmp_path, good):
+    """A key three times in one shard is two rows dropped, and counted as two (once each however
+    many epochs meet them)."""
+    info, train, val = good
+    dst = _write(tmp_path / "thrice", info, train, val)
+    for row in (1, 3):  # shard 1: rows 4..7; its rows 1 and 3 repeat its row 0
+        _rewrite_shard(dst, "train-00001.parquet", lambda t, r=row: _set_key(t, r, train[4]["key"]))
+    counter = _Tally()
+    drop, skip_rows = check_split(open_dataset(str(dst)), "train", ["key", "image", "mask"],
+                                  skip=True, counter=counter)
+    assert drop == set() and skip_rows == {str(dst / "train-00001.parquet"): {1, 3}}
+    assert counter.total == 2
+    for row in (1, 3):  # met again in a later epoch
+        counter.record(BadSampleError(str(dst / "train-00001.parquet"), train[4]["key"], "dup"),
+                       row)
+    assert counter.total == 2
+
+
+def test_skip_mode_with_no_usable_row_is_a_dataset_error(tmp_path, good):
+    """Skipping every row of a split (here each val key repeats a train key) stops the stream
+    before it is built, naming the split and the count; not later, in each worker, as a
+    batch-size problem."""
+    from segray.data.stream import train_dataset
+
+    info, train, val = good
+    dst = _write(tmp_path / "all-dup", info, train, val)
+    keys = pa.array([r["key"] for r in train[:4]], pa.string())
+    _rewrite_shard(dst, "val-00000.parquet", lambda t: t.set_column(0, "key", keys))
+    ds = open_dataset(str(dst))
+    with pytest.raises(DatasetError, match=r"split 'val' of .* has no usable row: all 4 rows are "
+                                         r"skipped \(data\.on_bad_sample=skip\), e\.g\. "
+                                         r"'train-00000' in .*val-00000\.parquet: duplicate key"):
+        train_dataset(ds, "val", crop=(16, 16), on_bad_sample="skip", skip_counter=_Tally())
+    assert check_split(ds, "train", ["key", "image", "mask"], skip=True,
+                       counter=_Tally()) == (set(), {})  # train keeps the first occurrences
+
+
+def _evaluate(info, out: Path) -> dict:
+    """``jobs/evaluate.py``'s core on the val split, with a 1x1 convolution for a model."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from segray.config import EvalConfig
+    from segray.evaluation import run_evaluation
+
+    method = SimpleNamespace(predict=lambda model, x: model(x))
+    cfg = SimpleNamespace(train=SimpleNamespace(precision="fp32"), eval=EvalConfig(),
+                          augment=SimpleNamespace(mean=[0.0] * 3, std=[1.0] * 3))
+    return run_evaluation(method, torch.nn.Conv2d(3, NUM_CLASSES, 1), cfg, info, "val", str(out),
+                          keep=0)
+
+
+def test_evaluation_checks_the_split_as_training_does(tmp_path, good):
+    """A repeated key was scored twice, a shard without ``image`` raised a bare KeyError and one
+    without ``mask`` was blamed on its rows: each is now the training streams' error, naming
+    shard (and key), before anything is written."""
+    info, train, val = good
+    assert _evaluate(open_dataset(str(_write(tmp_path / "ok", info, train, val))),
+                     tmp_path / "eval-ok")["images"] == 4
+    dup = _write(tmp_path / "dup", info, train, val)
+    _rewrite_shard(dup, "val-00000.parquet", lambda t: _set_key(t, 3, val[0]["key"]))
+    with pytest.raises(BadSampleError) as e:
+        _evaluate(open_dataset(str(dup)), tmp_path / "eval-dup")
+    assert e.value.key == val[0]["key"] and e.value.shard == str(dup / "val-00000.parquet")
+    assert "duplicate key" in e.value.reason and not (tmp_path / "eval-dup").exists()
+    for column in ("image", "mask"):
+        dst = _write(tmp_path / f"no-{column}", info, train, val)
+        _rewrite_shard(dst, "val-00000.parquet", lambda t, c=column: t.drop_columns([c]))
+        with pytest.raises(DatasetError, match=rf"split 'val': shard .*val-00000\.parquet: shard "
+                                             rf"has no column\(s\) '{column}'"):
+            _evaluate(open_dataset(str(dst)), tmp_path / f"eval-no-{column}")
+        assert not (tmp_path / f"eval-no-{column}").exists()
+
+
 # ------------------------------------------------------------------ Ray streams (local, in-process)
 
 @pytest.fixture(scope="module")
@@ -272,6 +394,27 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
         eval_dataset(broken, "val").take_all()
     assert f"bad sample '{rows[i]['key']}' in shard" in str(e.value)
     assert "val-00000.parquet" in str(e.value)
+
+
+@pytest.mark.cluster
+def test_skip_counter_counts_each_row_of_a_repeated_key(ray_local, tmp_path, good):
+    """Through the real counter (a Ray actor) and stream: a key three times in one shard drops
+    two rows and counts two, over two epochs; a bad row is counted by its row number too."""
+    from segray.data.stream import SkipCounter, train_dataset
+
+    info, train, val = good
+    rows = [dict(r) for r in train]
+    rows[9] = dict(_row_variants(train)["label_range"][0][5], key=rows[9]["key"])
+    dst = _write(tmp_path / "thrice", info, rows, val)
+    for row in (1, 3):  # shard 1: rows 4..7; its rows 1 and 3 repeat its row 0
+        _rewrite_shard(dst, "train-00001.parquet", lambda t, r=row: _set_key(t, r, train[4]["key"]))
+    counter = SkipCounter()
+    kept = train_dataset(open_dataset(str(dst)), "train", crop=(24, 24), on_bad_sample="skip",
+                         skip_counter=counter, passes=2).take_all()
+    assert len(kept) == 2 * (16 - 3)
+    assert counter.total == 3
+    assert sorted((r["row"], r["key"]) for r in counter.records()) == [
+        (1, train[4]["key"]), (1, train[9]["key"]), (3, train[4]["key"])]
 
 
 @pytest.mark.cluster

@@ -22,6 +22,7 @@ from segray.data.converters.classes import (
     VOC_PALETTE,
 )
 from segray.data.converters.cocostuff10k import COCO_ID_LUT, convert_cocostuff10k
+from segray.data.converters.common import OptionError
 from segray.data.converters.masks import apply_lut, reduce_zero_label_lut
 from segray.data.converters.voc import convert_voc
 from segray.data.manifest import open_dataset, verify_shards
@@ -142,6 +143,10 @@ def test_voc_errors(tmp_path):
     with pytest.raises(ValueError, match=r"2008_000002\.png: mask PNG has mode 'RGB'"):
         convert_voc(str(t["root"]), str(tmp_path / "out"), sbd="none")
     assert not (tmp_path / "out" / "dataset.json").exists()
+    # An --sbd folder that is not there is a wrong option (a usage error), not bad data.
+    with pytest.raises(OptionError, match=rf"--sbd: no folder at {tmp_path / 'nosuch'}; "
+                                          "expected 'auto', 'none'"):
+        convert_voc(str(t["root"]), str(tmp_path / "out"), sbd=str(tmp_path / "nosuch"))
 
 
 # ----------------------------------------------------------------------------------- Cityscapes
@@ -239,6 +244,25 @@ def test_ade20k_errors(tmp_path):
         err.value)
 
 
+def test_damaged_jpeg_is_refused_at_conversion_by_name(tmp_path):
+    """A JPEG whose scan is cut (an end marker appended) or damaged decodes in Pillow with made-up
+    pixels; the converter refuses it, naming the file, as training would."""
+    root = tmp_path / "ADEChallengeData2016"
+    for folder, stem in [("training", "ADE_train_1"), ("validation", "ADE_val_1")]:
+        write_image(root / "images" / folder / f"{stem}.jpg", 48, 64, fmt="JPEG")
+        write_mask(root / "annotations" / folder / f"{stem}.png", np.zeros((48, 64)))
+    bad = root / "images" / "training" / "ADE_train_1.jpg"
+    good = bad.read_bytes()
+    sos = good.index(b"\xff\xda")
+    bad.write_bytes(good[: sos + (len(good) - sos) // 3] + b"\xff\xd9")
+    Image.open(bad).load()  # Pillow reads it without complaint
+    with pytest.raises(ValueError) as err:
+        convert_ade20k(str(root), str(tmp_path / "out"))
+    assert (f"{bad}: unreadable image (cannot decode image bytes (damaged JPEG data: libjpeg "
+            "warns 'Corrupt JPEG data: premature end of data segment'") in str(err.value)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
 # ------------------------------------------------------------------------------- COCO-Stuff 10k
 
 def test_cocostuff10k_png(tmp_path):
@@ -256,6 +280,19 @@ def test_cocostuff10k_png(tmp_path):
     assert info.provenance["reduce_zero_label"] is True and info.provenance["val"] == "test2014"
     row = read_rows(tmp_path / "out", "val")["COCO_train2014_000000000139"]
     check_row(row, root / "images" / "test2014" / "COCO_train2014_000000000139.jpg", expected)
+
+
+def test_cocostuff10k_two_annotations_of_one_image_are_an_error(tmp_path):
+    root = tmp_path / "coco_stuff10k"
+    raw = np.zeros((2, 4), np.uint8)
+    for folder, stem in [("train2014", "a"), ("test2014", "b")]:
+        write_image(root / "images" / folder / f"{stem}.jpg", 2, 4, fmt="JPEG")
+        write_mask(root / "annotations" / folder / f"{stem}_labelTrainIds.png", raw)
+    write_mask(root / "annotations" / "train2014" / "a.png", raw + 1)  # which one is meant?
+    with pytest.raises(ValueError) as err:
+        convert_cocostuff10k(str(tmp_path), str(tmp_path / "out"))
+    assert (f"{root / 'annotations' / 'train2014' / 'a.png'}: image 'a' has two annotations "
+            "(a_labelTrainIds.png and a.png); remove one") in str(err.value)
 
 
 def test_cocostuff10k_mat(tmp_path):

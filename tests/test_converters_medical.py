@@ -63,6 +63,21 @@ def test_glas_errors(tmp_path):
     assert info.provenance["label_map"] == "binary: luminance > 0 -> 1"
 
 
+def test_glas_two_annotations_of_one_image_are_an_error(tmp_path):
+    """labelcol/ holding both <name>.png and <name>_anno.bmp: one of them was taken silently."""
+    root = tmp_path / "GlaS"
+    for folder in ("train", "test"):
+        _binary_pair(root / folder / "img" / "t1.bmp", root / folder / "labelcol" / "t1.png",
+                     fmt="BMP")
+    write_mask(root / "train" / "labelcol" / "t1_anno.bmp", np.zeros((4, 5)))
+    with pytest.raises(ValueError) as err:
+        convert_glas(str(root), str(tmp_path / "out"))
+    message = str(err.value)
+    assert "train/labelcol/t1" in message and "image 't1' has two annotations (" in message
+    assert "t1.png" in message and "t1_anno.bmp" in message and "remove one" in message
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
 def test_kvasir(tmp_path):
     root = tmp_path / "polyp"
     exp = _binary_pair(root / "TrainDataset" / "image" / "1.png",

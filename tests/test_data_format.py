@@ -157,6 +157,24 @@ def test_writer_rejects_bad_rows(tmp_path):
         DatasetWriter(str(tmp_path / "g"), "toy", CLASSES, palette=[[0, 0, 0]])
 
 
+def test_writer_keeps_one_schema_per_split(tmp_path):
+    """Extra columns are checked against the split's first row, not only the shard being
+    filled: after a shard is written, the next may not bring other columns."""
+    with DatasetWriter(str(tmp_path), "toy", CLASSES, rows_per_shard=2) as w:
+        w.add("train", "t0", *_row(0), 10, 12, extra={"source": "a", "site": 1})
+        w.add("train", "t1", *_row(1), 10, 12, extra={"site": 2, "source": "b"})  # shard 0 full
+        with pytest.raises(ValueError, match=r"extra columns of 't2' in split 'train' are "
+                                             r"\['site'\], but its earlier rows have \['site', "
+                                             r"'source'\]; every row of a split must give"):
+            w.add("train", "t2", *_row(2), 10, 12, extra={"site": 3})
+        with pytest.raises(ValueError, match=r"'t2' in split 'train' are \(none\), but"):
+            w.add("train", "t2", *_row(2), 10, 12)
+        w.add("train", "t2", *_row(2), 10, 12, extra={"site": 3, "source": "c"})
+        w.add("val", "v0", *_row(3), 10, 12)  # another split, its own columns
+    shards = [pq.read_schema(tmp_path / f"train-{i:05d}.parquet") for i in range(2)]
+    assert shards[0].equals(shards[1]) and shards[0].names[-2:] == ["source", "site"]
+
+
 def test_interrupted_writer_leaves_no_manifest_and_rerun_overwrites(tmp_path):
     _write(tmp_path, n_train=7)  # a complete earlier dataset with three train shards
     assert (tmp_path / "dataset.json").exists()

@@ -94,6 +94,28 @@ def test_usage_errors_exit_2_without_traceback(tmp_path):
         assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_wrong_option_values_exit_2_even_when_only_the_tree_tells(tmp_path):
+    """A --val-set the tree does not hold and an --sbd folder that does not exist are usage
+    errors (exit 2, naming the option), not bad data (exit 1)."""
+    polyp = tmp_path / "polyp"
+    (polyp / "TrainDataset").mkdir(parents=True)
+    (polyp / "TestDataset" / "CVC-ClinicDB").mkdir(parents=True)
+    (polyp / "TestDataset" / "Kvasir").mkdir()
+    nosuch = tmp_path / "nosuch"
+    for args, expected in [
+        (("kvasir", str(polyp), str(tmp_path / "d"), "--val-set", "CVC-Typo"),
+         f"error: --val-set: val set 'CVC-Typo' is not in {polyp / 'TestDataset'}; test sets "
+         "found: CVC-ClinicDB, Kvasir; pass one of them"),
+        (("voc", str(tmp_path), str(tmp_path / "d"), "--sbd", str(nosuch)),
+         f"argument --sbd: no folder at {nosuch}; expected 'auto', 'none', a folder of SBD"),
+    ]:
+        proc = _run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "usage: prepare_data.py" in proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
 def test_bad_data_exits_1_naming_the_file(tmp_path):
     src = _tree(tmp_path / "src", with_orphan_image=True)
     proc = _run("folder", str(src), str(tmp_path / "dst"))

@@ -70,6 +70,33 @@ def test_read_split_reads_manifest_shards(ray_local, synth):
     assert {Path(r["path"]).name for r in rows} == {"val-00000.parquet"}
 
 
+def test_read_split_verifies_each_shard_against_the_manifest(ray_local, synth, tmp_path):
+    """read_split reads the shards as every stream does: a shard rewritten after the manifest
+    (still valid Parquet, other keys) is an error naming it, not rows read as they are."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dst = tmp_path / "copy"
+    shutil.copytree(synth.uri, dst)
+    info = open_dataset(str(dst))
+    rows = read_split(info, "train", shuffle_seed=1).take_all()  # every column, any shard order
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in iter_rows(info, "train"))
+    assert {r["path"] for r in rows} == set(info.shard_uris("train"))
+    assert isinstance(rows[0]["image"], bytes) and list(rows[0]["labels"]) == rows[0]["labels"]
+    with pytest.raises(Exception, match=r"val-00000\.parquet of split 'val' has no column\(s\) "  # noqa: B017
+                                        r"'nope'"):
+        read_split(info, "val", columns=["key", "nope"]).take_all()
+    table = pq.read_table(dst / "val-00000.parquet")
+    keys = ["renamed"] + table.column("key").to_pylist()[1:]
+    pq.write_table(table.set_column(0, "key", pa.array(keys, pa.string())),
+                   dst / "val-00000.parquet")
+    with pytest.raises(Exception, match=r"shard .*val-00000\.parquet of split 'val' does not "  # noqa: B017
+                                        r"match its manifest"):
+        read_split(info, "val", columns=["key"]).take_all()
+
+
 def test_train_batches_fixed_shape(ray_local, synth):
     ds = train_dataset(synth, "train", crop=CROP, seed=0)
     # One map stage: Ray Data's per-operator CPU reservation only idles decode tasks here.

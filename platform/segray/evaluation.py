@@ -198,15 +198,20 @@ def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, spl
                    *, max_images: int = 0, keep: int = 8) -> dict[str, Any]:
     """Evaluate on one split in this process and write ``metrics.json`` + ``overlays.png`` to ``out``.
 
-    Every row is checked as in training (:func:`~segray.data.decode.validate_sample`). The files
-    are written once the rows are evaluated, so a bad row leaves ``out`` as it was, and
-    ``metrics.json`` is written last. ``overlays.png`` is removed when no image is kept
-    (``keep=0``), so it never shows an earlier evaluation.
+    The split is checked first as the training streams check it
+    (:func:`~segray.data.preflight.check_split`: columns present, keys unique across the
+    dataset, shards as the manifest records them), then every row as in training
+    (:func:`~segray.data.decode.validate_sample`). Evaluation never skips a row: it would score
+    a different set of images. The files are written once the rows are evaluated, so bad data
+    leaves ``out`` as it was, and ``metrics.json`` is written last. ``overlays.png`` is removed
+    when no image is kept (``keep=0``), so it never shows an earlier evaluation.
 
     Raises:
-        BadSampleError: a row is unlabelled, undecodable, of mismatched size or has labels
-            outside the dataset's classes (names shard and key).
-        DatasetError: a shard differs from the manifest (names it).
+        BadSampleError: a key of the split occurs twice in the dataset, or a row is unlabelled,
+            undecodable, of mismatched size or has labels outside the dataset's classes (names
+            shard and key).
+        DatasetError: a shard lacks a column the evaluation reads (``key``, ``image``,
+            ``mask``), or differs from the manifest (names it).
         FileNotFoundError: a shard is missing (names it).
     """
     import json
@@ -214,8 +219,10 @@ def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, spl
     from segray import report, storage
     from segray.data import iter_rows
     from segray.data.decode import BadSampleError, validate_sample
+    from segray.data.preflight import check_split
     from segray.runtime import default_device, resolve_runtime
 
+    check_split(info, split, ["key", "image", "mask"])  # reported before any image is scored
     device = default_device()
     runtime = resolve_runtime(device, cfg.train.precision, "off")
     model.to(device)

@@ -2,8 +2,10 @@
 
 JPEG images (colour or greyscale) are decoded by libjpeg-turbo through ``simplejpeg``: the same
 pixels as Pillow, which bundles the same library, in two thirds of the time (its per-image
-overhead is the difference). Everything else (PNG, other formats, CMYK JPEG, a JPEG with
-damage libjpeg can recover from) goes through Pillow, whose errors name what is wrong.
+overhead is the difference). The decode is strict (:mod:`segray.data.jpeg`): damage libjpeg would
+paper over with made-up pixels is an error. Everything else (PNG, other formats, CMYK JPEG) goes
+through Pillow, whose errors name what is wrong; a PNG's chunk checksums are checked first, as
+every mask's are (Pillow skips the pixel data's and accepts a file missing its end).
 
 Pure NumPy/PIL/OpenCV, no Ray: the Ray Data stream (:mod:`segray.data.stream`) calls these per
 row, and tools and tests call them directly. Flips and photometric/strong augmentation are not
@@ -25,9 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import simplejpeg
 from PIL import Image
 
+from segray.data import jpeg, maskpng
 from segray.data.shards import decode_mask_png
 
 RESAMPLE_FILTERS = ("cv2", "pillow")
@@ -68,30 +70,32 @@ def open_image(data: bytes) -> Image.Image:
         raise ValueError(f"cannot decode image bytes ({type(e).__name__}: {e})") from e
 
 
-_JPEG_SOI = b"\xff\xd8\xff"
-_TURBO_COLORSPACES = ("YCbCr", "Gray")  # what libjpeg-turbo turns into RGB as Pillow does
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def decode_image(data: bytes) -> np.ndarray:
     """Decode encoded image bytes to a uint8 (H, W, 3) RGB array.
 
-    A colour or greyscale JPEG is decoded by libjpeg-turbo directly (strict: any libjpeg warning
-    sends it to Pillow instead); anything else, any JPEG it refuses and any JPEG past Pillow's
-    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), as :func:`open_image`.
-    EXIF orientation is not applied.
+    A JPEG is decoded strictly (:func:`segray.data.jpeg.decode`): a colour or greyscale one by
+    libjpeg-turbo directly; another colour space (CMYK), or one whose metadata libjpeg warns
+    about, is checked as strictly and decoded by Pillow. Anything else as :func:`open_image`, a
+    PNG once its chunks' checksums are checked. Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) holds throughout. EXIF orientation is not applied.
 
     Raises:
-        ValueError: the bytes are not a decodable image.
+        ValueError: the bytes are not a decodable image, or damaged image data a lenient decoder
+            would fill with made-up pixels (a cut or corrupt JPEG scan, a PNG failing a checksum
+            or cut short).
     """
-    if data[:3] == _JPEG_SOI:
+    if data[:3] == jpeg.SOI:
+        pixels = jpeg.decode(data)
+        if pixels is not None:
+            return pixels
+    elif data[:8] == _PNG_SIGNATURE:
         try:
-            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            # Past Pillow's decompression-bomb limit, Pillow warns or refuses as it always did.
-            limit = Image.MAX_IMAGE_PIXELS
-            if colorspace in _TURBO_COLORSPACES and (limit is None or h * w <= limit):
-                return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
-        except ValueError:
-            pass  # damaged, or a variant it does not read: Pillow decides, with its own message
+            maskpng.decode_unfiltered(data)  # checks every chunk; decodes only grey/palette PNGs
+        except ValueError as e:
+            raise ValueError(f"cannot decode image bytes ({e})") from e
     return np.asarray(open_image(data), dtype=np.uint8)
 
 

@@ -2,8 +2,9 @@
 
 A stream reads each shard whole inside a Ray task, so a problem found there surfaces late and
 far from the driver. What can be known from the manifest and the shards' footers is checked
-first, in the driver: every listed shard exists with its recorded size and is Parquet, holds the
-columns the stream needs, and no key repeats within the dataset. Only a few small reads per
+first, in the driver: every listed shard exists with its recorded size and is Parquet with its
+recorded number of rows, holds the columns the stream needs, and no key repeats within the
+dataset. Only a few small reads per
 shard (footer, ``key`` column), several shards at a time, so this is cheap on S3 too.
 
 Example:
@@ -53,7 +54,8 @@ def scan_shards(info: DatasetInfo, splits: list[str] | None = None,
 
     Raises:
         FileNotFoundError: a listed shard is missing (names it).
-        DatasetError: a shard's size differs from the manifest (names it), or it is not Parquet.
+        DatasetError: a shard's size or row count differs from the manifest (names it), or it
+            is not Parquet.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -64,13 +66,23 @@ def scan_shards(info: DatasetInfo, splits: list[str] | None = None,
 
 
 def _scan_one(info: DatasetInfo, split: str, shard: ShardInfo) -> ShardScan:
+    uri = storage.join(info.uri, shard.path)
+    cache_key = (uri, shard.sha256, shard.bytes)
+    scan = _SCANS.get(cache_key) or _read_scan(info, uri, split, shard)
+    _SCANS[cache_key] = scan
+    if scan.rows != shard.rows:
+        # The stream's batches and every count (rows per epoch, steps, skips) go by the
+        # manifest: a shard holding fewer rows would pass for a full one.
+        raise DatasetError(f"shard {uri} of split {split!r} holds {scan.rows} rows, the manifest "
+                           f"says {shard.rows}; the manifest does not describe this file: "
+                           "re-create the dataset with `python jobs/prepare_data.py`")
+    return scan
+
+
+def _read_scan(info: DatasetInfo, uri: str, split: str, shard: ShardInfo) -> ShardScan:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    uri = storage.join(info.uri, shard.path)
-    cache_key = (uri, shard.sha256, shard.bytes)
-    if cache_key in _SCANS:
-        return _SCANS[cache_key]
     fs, path = storage.filesystem(uri)
     try:
         f = fs.open_input_file(path)
@@ -92,9 +104,7 @@ def _scan_one(info: DatasetInfo, split: str, shard: ShardInfo) -> ShardScan:
         except (OSError, ValueError, pa.ArrowException) as e:
             raise DatasetError(f"shard {uri} of split {split!r} is not a readable Parquet file "
                              f"({type(e).__name__}: {e}); re-create the dataset") from e
-    scan = ShardScan(uri, split, columns, keys, parquet.metadata.num_rows)
-    _SCANS[cache_key] = scan
-    return scan
+    return ShardScan(uri, split, columns, keys, parquet.metadata.num_rows)
 
 
 def duplicate_keys(scans: list[ShardScan]) -> list[tuple[str, str, str, int]]:
@@ -144,13 +154,16 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
         first row).
 
     Raises:
-        ValueError: a shard lacks a column, or a key repeats (names shard, key and fix); also a
-            missing or resized shard, whatever ``skip`` says.
+        DatasetError: a shard lacks a column (names split and shard); in skip mode, every row of
+            ``split`` is to be skipped (names the split and the count). Whatever ``skip`` says,
+            a shard whose size or row count differs from the manifest (names it).
+        BadSampleError: a key repeats (names shard, key and fix).
+        FileNotFoundError: a listed shard is missing (names it).
     """
     scans = scan_shards(info)
     drop: set[str] = set()
     exclude: dict[str, set[int]] = {}
-    skipped: list[BadSampleError] = []
+    skipped: list[tuple[BadSampleError, int]] = []  # with each row's number in its shard
     for scan in scans:
         missing = [c for c in columns if c not in scan.columns]
         if scan.split != split or not missing:
@@ -161,8 +174,8 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
         if not skip:
             raise DatasetError(f"split {split!r}: shard {scan.uri}: {reason}")
         drop.add(scan.uri)
-        skipped += [BadSampleError(scan.uri, k, reason)
-                    for k in scan.keys or [f"<row {i}>" for i in range(scan.rows)]]
+        skipped += [(BadSampleError(scan.uri, k, reason), i)
+                    for i, k in enumerate(scan.keys or [f"<row {i}>" for i in range(scan.rows)])]
     ours = {scan.uri for scan in scans if scan.split == split}
     for key, first, repeat, row in duplicate_keys(scans):
         if first not in ours and repeat not in ours:
@@ -173,7 +186,13 @@ def check_split(info: DatasetInfo, split: str, columns: Sequence[str], *, skip: 
             raise BadSampleError(repeat, key, reason)
         if repeat in ours and repeat not in drop:
             exclude.setdefault(repeat, set()).add(row)
-            skipped.append(BadSampleError(repeat, key, reason))
-    for error in skipped:
-        count_skip(error, counter, info.name, split)
+            skipped.append((BadSampleError(repeat, key, reason), row))
+    for error, row in skipped:
+        count_skip(error, counter, info.name, split, row=row)
+    if skipped and len(skipped) >= info.num_rows(split):
+        # Streaming nothing would fail later, in every worker, as a batch-size problem.
+        first = skipped[0][0]
+        raise DatasetError(f"split {split!r} of {info.uri} has no usable row: all {len(skipped)} "
+                           f"rows are skipped (data.on_bad_sample=skip), e.g. {first.key!r} in "
+                           f"{first.shard}: {first.reason}")
     return drop, {uri: frozenset(rows) for uri, rows in exclude.items()}

@@ -188,6 +188,7 @@ class DatasetWriter:
         for split in self._declared or []:
             self._check_split_name(split)
         self._buffers: dict[str, list[dict[str, Any]]] = {}
+        self._extra: dict[str, tuple[str, ...]] = {}  # split -> extra columns, from its first row
         self._keys: set[str] = set()
         self._written: set[str] = set()
         self._closed = False
@@ -226,10 +227,12 @@ class DatasetWriter:
             labels: image-level class ids.
             height: image height in pixels.
             width: image width in pixels.
-            extra: additional columns; every row of a split must give the same names.
+            extra: additional columns; every row of a split must give the same names (so
+                every shard of the split has one schema).
 
         Raises:
-            ValueError: duplicate key, unknown split, label out of range, bad sizes.
+            ValueError: duplicate key, unknown split, label out of range, bad sizes, extra
+                columns other than the split's first row gave or clashing with the schema.
         """
         if self._closed:
             raise ValueError(f"DatasetWriter for {self.uri} is closed; open a new one")
@@ -257,16 +260,22 @@ class DatasetWriter:
         row = {"key": key, "image": bytes(image_bytes),
                "mask": None if mask_png_bytes is None else bytes(mask_png_bytes),
                "labels": sorted(set(labels)), "height": int(height), "width": int(width)}
-        buf = self._buffers.setdefault(split, [])
         extra = dict(extra or {})
-        if buf and set(extra) != set(buf[0]) - set(row):
-            raise ValueError(f"extra columns of {key!r} ({sorted(extra)}) differ from earlier rows "
-                             f"of split {split!r} ({sorted(set(buf[0]) - set(row))})")
         clash = set(extra) & set(row)
         if clash:
             raise ValueError(f"extra columns {sorted(clash)} of {key!r} clash with the schema")
+        # Against the split's first row, not the current shard's: shards are written as they
+        # fill, and each must have the schema of the others.
+        expected = self._extra.get(split, tuple(extra))
+        if set(extra) != set(expected):
+            raise ValueError(f"extra columns of {key!r} in split {split!r} are "
+                             f"{sorted(extra) or '(none)'}, but its earlier rows have "
+                             f"{sorted(expected) or '(none)'}; every row of a split must give "
+                             "the same extra columns")
+        self._extra[split] = expected
         row.update(extra)
         self._keys.add(key)
+        buf = self._buffers.setdefault(split, [])
         buf.append(row)
         if len(buf) >= self.rows_per_shard:
             self._flush(split)
@@ -275,10 +284,9 @@ class DatasetWriter:
         rows = self._buffers.get(split) or []
         if not rows:
             return
-        extra_names = [c for c in rows[0] if c not in SCHEMA.names]
         columns = {c: [r[c] for r in rows] for c in SCHEMA.names}
         table = pa.table(columns, schema=SCHEMA)
-        for c in extra_names:
+        for c in self._extra[split]:  # in one order in every shard of the split
             table = table.append_column(c, pa.array([r[c] for r in rows]))
         sink = io.BytesIO()
         pq.write_table(table, sink, row_group_size=self.row_group_size,

@@ -97,30 +97,54 @@ def _mask_dtype(info: DatasetInfo) -> type:
 
 def read_split(info: DatasetInfo, split: str, *, columns: Sequence[str] | None = None,
                shuffle_seed: int | None = None) -> ray.data.Dataset:
-    """The raw shard rows of ``split`` as a Ray Dataset, plus a ``path`` column (the shard).
+    """The raw shard rows of ``split`` as a Ray Dataset, plus a ``path`` column (the shard's URI).
 
-    For tools: rows come straight from Ray's Parquet reader, without the checksum and structure
-    checks of :func:`train_dataset` and :func:`eval_dataset`.
+    For tools: rows are neither decoded nor checked, but each shard is read whole and checked
+    against the manifest's size and SHA-256 before any of its rows is used, as in every stream
+    (one read task per shard).
 
     Args:
         info: the dataset.
         split: split name.
         columns: columns to read (all when None); ``path`` is always added.
-        shuffle_seed: if given, shard order is shuffled, differently on every execution.
+        shuffle_seed: if given, shard order is shuffled, differently on every execution (and
+            the same way for the same seed and execution).
+
+    Returns:
+        A lazy Dataset of the shards' columns (Arrow types kept) and ``path``.
 
     Raises:
         KeyError: unknown split (names the ones that exist).
+        DatasetError: while executing, a shard whose bytes differ from the manifest, or that
+            lacks a requested column (names it).
     """
-    uris = info.shard_uris(split)
-    fs, _ = storage.filesystem(uris[0])
-    paths = [storage.filesystem(u)[1] for u in uris]
-    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, partitioning=None,
-                               shuffle=shuffle)
-    # Ray pushes this projection into the Parquet read, so unread columns are never fetched.
-    if not columns:
-        return ds
-    return ds.select_columns([*(c for c in columns if c != "path"), "path"])
+    shards = dict(zip(info.shard_uris(split), info.splits[split], strict=True))
+    ds = ray.data.range(len(shards), override_num_blocks=len(shards))
+    return _one_stage(ds.map_batches(
+        _raw_shard, batch_format="numpy", batch_size=1, udf_modifying_row_count=True,
+        fn_kwargs={"shards": shards, "split": split, "seed": shuffle_seed,
+                   "columns": [c for c in columns if c != "path"] if columns else None}))
+
+
+def _raw_shard(items: dict[str, np.ndarray], *, shards: dict[str, ShardInfo], split: str,
+               columns: list[str] | None, seed: int | None) -> Iterator[pa.Table]:
+    """Read the shard at position ``items["id"]`` of this execution's shard order, verified."""
+    uris = list(shards)
+    order = np.arange(len(uris))
+    if seed is not None:
+        execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
+        order = np.random.default_rng([seed, execution]).permutation(len(uris))
+    for i in items["id"]:
+        uri = uris[order[int(i)]]
+        reader = pq.ParquetFile(pa.BufferReader(_verified_shard(uri, shards[uri], split)))
+        missing = [c for c in columns or () if c not in reader.schema_arrow.names]
+        if missing:
+            raise DatasetError(f"shard {uri} of split {split!r} has no column(s) "
+                               f"{', '.join(map(repr, missing))} (it has: "
+                               f"{', '.join(reader.schema_arrow.names)})")
+        for record_batch in reader.iter_batches(columns=columns):
+            table = pa.Table.from_batches([record_batch])
+            yield table.append_column("path", pa.array([uri] * table.num_rows, pa.string()))
 
 
 def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index: int,
@@ -153,7 +177,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         except BadSampleError as e:
             if on_bad_sample == "error":
                 raise
-            count_skip(e, counter, dataset, split)
+            count_skip(e, counter, dataset, split, row=int(batch["row"][i]))
             continue
         rng = np.random.default_rng([seed, execution, copy, _key_seed(key)])
         image, mask, size = random_scale_crop(image, mask, crop, scale_range, rng,
@@ -297,6 +321,17 @@ def _one_stage(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
+def _verified_shard(uri: str, shard: ShardInfo, split: str) -> bytes:
+    """A shard's whole bytes, checked against the manifest (:func:`check_shard_bytes`)."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:  # it was there when the stream was built
+        raise DatasetError(f"shard {uri} of split {split!r} is listed by the manifest but is "
+                           "gone; re-create the dataset") from e
+    check_shard_bytes(data, uri, shard, split)
+    return data
+
+
 def _shard_batches(uri: str, shard: ShardInfo, split: str, columns: list[str],
                    rows: int) -> Iterator[dict[str, np.ndarray]]:
     """The rows of one shard, ``rows`` at a time, as NumPy columns plus ``path`` (the shard) and
@@ -305,12 +340,7 @@ def _shard_batches(uri: str, shard: ShardInfo, split: str, columns: list[str],
     The shard is fetched whole (one GET on S3, rather than one per row group) and checked against
     the manifest before any row is used; a decode task holds one shard in memory.
     """
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as e:  # it was there when the stream was built
-        raise DatasetError(f"shard {uri} of split {split!r} is listed by the manifest but is "
-                           "gone; re-create the dataset") from e
-    check_shard_bytes(data, uri, shard, split)
+    data = _verified_shard(uri, shard, split)
     start = 0
     for record_batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=rows,
                                                                           columns=columns):

@@ -28,11 +28,11 @@ Example:
 from __future__ import annotations
 
 from segray.data.converters import ade20k, cityscapes, cocostuff10k, glas, kvasir, nyudv2, voc
-from segray.data.converters.common import Converter, add_common_arguments
+from segray.data.converters.common import Converter, OptionError, add_common_arguments
 
 CONVERTERS: dict[str, Converter] = {
     m.CONVERTER.name: m.CONVERTER
     for m in (voc, cityscapes, ade20k, cocostuff10k, glas, kvasir, nyudv2)
 }
 
-__all__ = ["CONVERTERS", "Converter", "add_common_arguments"]
+__all__ = ["CONVERTERS", "Converter", "OptionError", "add_common_arguments"]

@@ -90,6 +90,11 @@ def _plan_png(root: str, problems: Problems) -> dict[str, list[Sample]]:
         masks = files_by_stem(ann_dir, (".png",), problems, suffix="_labelTrainIds")
         if not masks:  # early MMSeg versions wrote the test2014 masks as <name>.png
             masks = files_by_stem(ann_dir, (".png",), problems)
+        else:  # both forms for one image: which is meant cannot be told
+            plain = files_by_stem(ann_dir, (".png",), Problems(ann_dir))
+            for stem in sorted(set(masks) & set(plain)):
+                problems.add(f"{plain[stem]}: image {stem!r} has two annotations "
+                             f"({stem}_labelTrainIds.png and {stem}.png); remove one")
         stems = pair_files(images, masks, problems, f"{ann_dir}/{{stem}}_labelTrainIds.png")
         plan[split] = [Sample(s, images[s], masks[s], read_train_ids_png) for s in stems]
     return plan

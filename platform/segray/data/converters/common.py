@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import re
@@ -33,11 +32,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from segray import storage
 from segray.cli import positive_int
 from segray.data.converters.masks import IGNORE_INDEX, MaskReader
+from segray.data.decode import decode_image
 from segray.data.manifest import DatasetInfo
 from segray.data.shards import DatasetWriter, encode_mask_png
 
@@ -81,6 +80,12 @@ class Sample:
     image: str
     mask: str | None = None
     read_mask: MaskReader | None = None
+
+
+class OptionError(ValueError):
+    """A converter option's value is wrong, found only once the source tree is read (e.g.
+    ``--val-set`` naming a test set the tree does not hold): a usage error, exit code 2 in
+    ``jobs/prepare_data.py``, not bad data. The message names the option and what it accepts."""
 
 
 def option(args: Any, name: str, default: Any) -> Any:
@@ -225,8 +230,16 @@ def paired_samples(img_dir: str, mask_dir: str, read_mask: MaskReader, problems:
     images = files_by_stem(img_dir, extensions, problems)
     masks = files_by_stem(mask_dir, extensions, problems)
     if mask_tag:
-        masks = {(s[: -len(mask_tag)] if s.endswith(mask_tag) and s not in images else s): uri
-                 for s, uri in masks.items()}
+        tagged: dict[str, str] = {}
+        for s, uri in masks.items():
+            stem = s[: -len(mask_tag)] if s.endswith(mask_tag) and s not in images else s
+            if stem in tagged:  # e.g. labelcol/t1.png and labelcol/t1_anno.bmp
+                problems.add(f"{uri}: image {stem!r} has two annotations "
+                             f"({PurePosixPath(tagged[stem]).name} and {PurePosixPath(uri).name}); "
+                             "remove one")
+                continue
+            tagged[stem] = uri
+        masks = tagged
     if not images:
         problems.add(f"{img_dir}: missing or holds no images ({', '.join(extensions)})")
         return []
@@ -267,12 +280,12 @@ def split_name(text: str) -> str:
 # ----------------------------------------------------------------------------------- writing
 
 def _image_size(data: bytes) -> tuple[int, int]:
+    # The stream's own decoder, as strict: a file it would refuse in training (a cut or damaged
+    # JPEG scan libjpeg would fill in, a PNG failing a checksum) is refused here, by name.
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # a full decode, so truncated files are caught here, not in training
-            return img.height, img.width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from e
+        return decode_image(data).shape[:2]
+    except ValueError as e:
+        raise ValueError(f"unreadable image ({e})") from e
 
 
 def _load(sample: Sample, ignore_index: int) -> tuple[str | None, tuple]:

@@ -25,6 +25,7 @@ from segray import storage
 from segray.data.converters.classes import BINARY_PALETTE, POLYP_CLASSES
 from segray.data.converters.common import (
     Converter,
+    OptionError,
     Problems,
     common_options,
     find_root,
@@ -80,8 +81,8 @@ def convert_kvasir(
 
     Raises:
         FileNotFoundError: no ``TrainDataset`` or ``TestDataset`` folder.
-        ValueError: ``val_set`` is not a test set (lists those present), unpaired or unreadable
-            files (each named).
+        OptionError: ``val_set`` is not a test set (lists those present).
+        ValueError: unpaired or unreadable files (each named).
     """
     threshold = check_threshold(threshold)
     src = storage.absolute(src).rstrip("/")
@@ -92,8 +93,8 @@ def convert_kvasir(
     sets = [s for s in storage.list_dir(test_root)
             if not s.startswith(".") and storage.is_dir(storage.join(test_root, s))]
     if val_set not in sets:
-        raise ValueError(f"val set {val_set!r} is not in {test_root}; test sets found: "
-                         f"{', '.join(sets) or '(none)'}; pass one of them as --val-set")
+        raise OptionError(f"--val-set: val set {val_set!r} is not in {test_root}; test sets "
+                          f"found: {', '.join(sorted(sets)) or '(none)'}; pass one of them")
     problems = Problems(root)
     read = binary_reader(threshold)
     train_dir = storage.join(root, "TrainDataset")

@@ -38,6 +38,7 @@ from segray import storage
 from segray.data.converters.classes import VOC_CLASSES, VOC_PALETTE
 from segray.data.converters.common import (
     Converter,
+    OptionError,
     Problems,
     Sample,
     common_options,
@@ -65,6 +66,18 @@ _EXPECTED = "VOC class ids 0..20 or 255"
 _read_png = index_png_reader(_LUT, f"{_EXPECTED} as a palette-indexed or greyscale PNG")
 
 
+_SBD_EXPECTED = ("expected 'auto', 'none', a folder of SBD index PNGs (SegmentationClassAug) or "
+                 "an SBD release folder with cls/*.mat")
+
+
+def sbd_source(text: str) -> str:
+    """argparse ``type`` for ``--sbd``: ``auto``, ``none`` or a folder that exists (a wrong path is
+    a usage error, exit code 2)."""
+    if text not in ("auto", "none") and not storage.is_dir(text):
+        raise argparse.ArgumentTypeError(f"no folder at {text}; {_SBD_EXPECTED}")
+    return text
+
+
 def _read_sbd_mat(data: bytes) -> np.ndarray:
     seg = getattr(load_mat(data).get("GTcls"), "Segmentation", None)
     if seg is None or np.ndim(seg) != 2:
@@ -82,8 +95,8 @@ def _sbd_masks(root: str, sbd: str, problems: Problems) -> tuple[dict[str, str],
             return {}, None, None
     else:
         folder = storage.absolute(sbd)
-        require_dir(folder, "--sbd to name a folder of SBD index PNGs (SegmentationClassAug) or an "
-                            "SBD release folder with cls/*.mat (or 'auto' / 'none')")
+        if not storage.is_dir(folder):
+            raise OptionError(f"--sbd: no folder at {folder}; {_SBD_EXPECTED}")
     for cls_dir in (storage.join(folder, "cls"), storage.join(folder, "dataset", "cls")):
         if storage.is_dir(cls_dir):
             require_scipy(f"reading the SBD masks in {cls_dir}")
@@ -124,6 +137,7 @@ def convert_voc(
         The written dataset.
 
     Raises:
+        OptionError: ``sbd`` names no folder.
         FileNotFoundError: a required folder or list is missing (names it and the layout).
         ModuleNotFoundError: SBD ``.mat`` files without scipy.
         ValueError: every missing image or mask, id of the labelled list outside the pool, or bad
@@ -198,7 +212,7 @@ def convert_voc(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--sbd`` and ``--labeled-list``."""
-    parser.add_argument("--sbd", default="auto",
+    parser.add_argument("--sbd", type=sbd_source, default="auto",
                         help="SBD masks: 'auto' (SegmentationClassAug/ when present), 'none', or a "
                              "folder of SBD index PNGs or an SBD folder with cls/*.mat")
     parser.add_argument("--labeled-list", type=existing_file, default=None,
