@@ -381,6 +381,50 @@ def test_random_scale_crop_resize_ignores_the_aspect():
         random_scale_crop(image, mask, (8, 8), resize=(8, 8), base_scale=(64, 32))
 
 
+@pytest.mark.parametrize("shape", [(288, 384), (522, 775), (480, 640), (100, 90)])
+def test_mask_resample_as_opencv_resizes_labels(shape):
+    """``cv2_nearest`` / ``cv2_area`` are OpenCV's INTER_NEAREST / INTER_AREA of the labels (MaskSup's
+    loaders), whole or in a random window; the default takes pixel centres and differs."""
+    import cv2
+    import torch
+
+    from methods.masksup.metrics import official_target_resize
+
+    rng = np.random.default_rng(shape[0])
+    image = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    binary = ((yy - shape[0] / 2) ** 2 + (xx - shape[1] / 3) ** 2 < (shape[0] / 3) ** 2)
+    binary = binary.astype(np.uint8)
+    classes = rng.integers(0, 40, size=shape, dtype=np.uint8)
+    size = (224, 224)
+    _, nearest = random_scale_crop(image, classes, size, (1.0, 1.0), rng, resize=size,
+                                   mask_resample="cv2_nearest")
+    want = cv2.resize(classes, size[::-1], interpolation=cv2.INTER_NEAREST)
+    assert (nearest == want).all()
+    assert (nearest == official_target_resize(torch.from_numpy(classes), size,
+                                              binary=False).numpy()).all()
+    assert not (want == resize_nearest(classes, size)).all()  # the default differs
+    _, area = random_scale_crop(image, binary, size, (1.0, 1.0), rng, resize=size,
+                                mask_resample="cv2_area")
+    assert (area == cv2.resize(binary, size[::-1], interpolation=cv2.INTER_AREA)).all()
+    # A window of a rescale: the same pixels as resizing whole, then cropping (the window's
+    # offset is found by search, not taken from the implementation).
+    texture = ((xx // 3 + (yy // 5) * 7 + (xx * yy) % 11) % 3 == 0).astype(np.uint8)
+    for mode, flag in (("cv2_area", cv2.INTER_AREA), ("cv2_nearest", cv2.INTER_NEAREST)):
+        _, window, (vh, vw) = random_scale_crop(image, texture, (64, 64), (0.7, 0.7),
+                                                np.random.default_rng(3), mask_resample=mode,
+                                                with_valid=True)
+        scaled = (int(shape[0] * 0.7 + 0.5), int(shape[1] * 0.7 + 0.5))
+        whole = cv2.resize(texture, scaled[::-1], interpolation=flag)
+        views = np.lib.stride_tricks.sliding_window_view(whole, (vh, vw))
+        assert (views == window[:vh, :vw]).all(axis=(2, 3)).any(), mode
+        assert (window[vh:] == 255).all() and (window[:, vw:] == 255).all()
+    with pytest.raises(ValueError, match="needs a binary"):
+        random_scale_crop(image, classes, (32, 32), (0.5, 0.5), rng, mask_resample="cv2_area")
+    with pytest.raises(ValueError, match="mask_resample must be one of"):
+        random_scale_crop(image, classes, (32, 32), mask_resample="area")
+
+
 def test_cat_max_ratio_prefers_mixed_crops():
     image = np.zeros((100, 100, 3), np.uint8)
     mask = np.zeros((100, 100), np.uint8)

@@ -33,6 +33,7 @@ from segray.data import jpeg, maskpng
 from segray.data.shards import decode_mask_png
 
 RESAMPLE_FILTERS = ("cv2", "pillow")
+MASK_FILTERS = ("nearest", "cv2_nearest", "cv2_area")
 _CV2_MAX_SIDE = 32767  # OpenCV's remap addresses pixels with int16; Pillow takes larger images
 
 
@@ -130,12 +131,46 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _nearest_window(mask: np.ndarray, size: tuple[int, int], rows: tuple[int, int],
-                    cols: tuple[int, int]) -> np.ndarray:
-    """``resize_nearest(mask, size)[rows[0]:rows[1], cols[0]:cols[1]]`` without the full resize."""
+                    cols: tuple[int, int], centre: bool = True) -> np.ndarray:
+    """``resize_nearest(mask, size)[rows[0]:rows[1], cols[0]:cols[1]]`` without the full resize.
+
+    ``centre=False`` takes OpenCV's ``INTER_NEAREST`` pixel instead: ``floor(dst * (1 / (size /
+    src)))`` in double precision, as OpenCV computes it.
+    """
     h, w = mask.shape[:2]
-    r = np.minimum(((np.arange(*rows) + 0.5) * h / size[0]).astype(np.intp), h - 1)
-    c = np.minimum(((np.arange(*cols) + 0.5) * w / size[1]).astype(np.intp), w - 1)
-    return mask[r][:, c]  # two 1-D gathers: several times faster than one 2-D fancy index
+    if centre:
+        r = ((np.arange(*rows) + 0.5) * h / size[0]).astype(np.intp)
+        c = ((np.arange(*cols) + 0.5) * w / size[1]).astype(np.intp)
+    else:
+        r = np.floor(np.arange(*rows) * (1.0 / (size[0] / h))).astype(np.intp)
+        c = np.floor(np.arange(*cols) * (1.0 / (size[1] / w))).astype(np.intp)
+    # Two 1-D gathers: several times faster than one 2-D fancy index.
+    return mask[np.minimum(r, h - 1)][:, np.minimum(c, w - 1)]
+
+
+def _area_window(mask: np.ndarray, size: tuple[int, int], rows: tuple[int, int],
+                 cols: tuple[int, int], ignore_index: int) -> np.ndarray:
+    """OpenCV's ``INTER_AREA`` resize of a binary {0, 1} label map, cropped to the window.
+
+    The foreground (class 1) is averaged over each output pixel's footprint and rounded by
+    OpenCV itself; ignored pixels stay where the nearest resize puts them.
+
+    Raises:
+        ValueError: the map holds a label other than 0, 1 and ``ignore_index``.
+    """
+    labels = np.unique(mask)
+    extra = sorted(set(labels.tolist()) - {0, 1, ignore_index})
+    if extra:
+        raise ValueError(f"mask_resample 'cv2_area' needs a binary {{0, 1}} label map, found "
+                         f"labels {extra[:5]}; use 'nearest' or 'cv2_nearest' for class maps")
+    cv2 = _cv2()
+    fg = cv2.resize((mask == 1).astype(np.uint8), (size[1], size[0]),
+                    interpolation=cv2.INTER_AREA)[rows[0]:rows[1], cols[0]:cols[1]]
+    out = fg.astype(mask.dtype)
+    if ignore_index in labels:
+        ignored = _nearest_window(mask, size, rows, cols, centre=False) == ignore_index
+        out[ignored] = ignore_index
+    return out
 
 
 def random_scale_crop(
@@ -151,6 +186,7 @@ def random_scale_crop(
     scale_choices: tuple[float, ...] | None = None,
     resize: tuple[int, int] | None = None,
     resample: str = "cv2",
+    mask_resample: str = "nearest",
     with_valid: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Random rescale, random crop and pad to a fixed size (MMSeg ``Resize(img_scale,
@@ -171,8 +207,14 @@ def random_scale_crop(
       filter widens when shrinking (antialiased): the same pixels as cv2 within one level at
       ratios >= 1, blurrier below. 40-410 µs for the same window, the most when shrinking.
 
-    The mask takes the source pixel under each output pixel's centre, in step with the image;
-    cv2's ``INTER_NEAREST`` takes ``floor(dst * scale)``, up to one source pixel up/left of it.
+    ``mask_resample`` picks the label filter:
+
+    - ``"nearest"`` (default): the source pixel under each output pixel's centre, in step with
+      the image.
+    - ``"cv2_nearest"``: OpenCV's ``INTER_NEAREST``, ``floor(dst * scale)``: up to one source
+      pixel up/left of the centre's (MaskSup's NYUDv2 loader; mmcv's ``imresize`` of labels).
+    - ``"cv2_area"``: OpenCV's ``INTER_AREA`` on a binary {0, 1} map, each pixel the rounded
+      foreground share of its footprint (MaskSup's GLaS and polyp loaders).
 
     With ``cat_max_ratio < 1`` up to 10 windows are tried until no single class covers more than
     that share of the labelled pixels (and at least two classes are seen).
@@ -194,6 +236,8 @@ def random_scale_crop(
             before the drawn ratio scales it; excludes ``base_scale``.
         resample: the image filter, ``"cv2"`` or ``"pillow"`` (see above). The first ``"cv2"``
             call sets OpenCV to one thread in the process: a decode task owns one CPU.
+        mask_resample: the label filter, ``"nearest"``, ``"cv2_nearest"`` or ``"cv2_area"``
+            (see above).
         with_valid: also return the crop's (height, width) before padding.
 
     Returns:
@@ -202,8 +246,9 @@ def random_scale_crop(
         part of the crop that is image, not padding (its top-left).
 
     Raises:
-        ValueError: bad crop size, scale range or ``resample``, ``resize`` with ``base_scale``,
-            or mask size differs from image size.
+        ValueError: bad crop size, scale range, ``resample`` or ``mask_resample``, ``resize``
+            with ``base_scale``, mask size differs from image size, or ``"cv2_area"`` on a mask
+            that is not binary.
     """
     crop_h, crop_w = (int(v) for v in crop)
     lo, hi = (float(v) for v in scale_range)
@@ -215,6 +260,8 @@ def random_scale_crop(
         raise ValueError("resize and base_scale exclude each other")
     if resample not in RESAMPLE_FILTERS:
         raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
+    if mask_resample not in MASK_FILTERS:
+        raise ValueError(f"mask_resample must be one of {MASK_FILTERS}, got {mask_resample!r}")
     h, w = image.shape[:2]
     if mask is None:
         mask = np.full((h, w), ignore_index, dtype=np.uint8)
@@ -239,7 +286,11 @@ def random_scale_crop(
     for _ in range(10 if cat_max_ratio < 1.0 else 1):
         y0, x0 = int(rng.integers(0, margin_h + 1)), int(rng.integers(0, margin_w + 1))
         y1, x1 = min(y0 + crop_h, size[0]), min(x0 + crop_w, size[1])
-        window = _nearest_window(mask, size, (y0, y1), (x0, x1))
+        if mask_resample == "cv2_area" and size != (h, w):
+            window = _area_window(mask, size, (y0, y1), (x0, x1), ignore_index)
+        else:
+            window = _nearest_window(mask, size, (y0, y1), (x0, x1),
+                                     centre=mask_resample == "nearest")
         if cat_max_ratio >= 1.0:
             break
         counts = np.bincount(window[window != ignore_index].ravel())

@@ -59,6 +59,7 @@ from segray.data.collate import (  # noqa: F401 - re-exported: the stream's coll
     train_collate,
 )
 from segray.data.decode import (
+    MASK_FILTERS,
     RESAMPLE_FILTERS,
     BadSampleError,
     multi_hot,
@@ -151,7 +152,7 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
                  crop: tuple[int, int], scale_range: tuple[float, float], seed: int,
                  cat_max_ratio: float, labeled: bool, on_bad_sample: str,
                  base_scale: tuple[int, int] | None, scale_choices: tuple[float, ...] | None,
-                 resize: tuple[int, int] | None, resample: str,
+                 resize: tuple[int, int] | None, resample: str, mask_resample: str,
                  copy: int,
                  counter: SkipCounter | None, dataset: str, split: str,
                  mask_dtype: type, scheme: str,
@@ -183,7 +184,8 @@ def _train_batch(batch: dict[str, np.ndarray], *, num_classes: int, ignore_index
         image, mask, size = random_scale_crop(image, mask, crop, scale_range, rng,
                                               cat_max_ratio, ignore_index, base_scale=base_scale,
                                               scale_choices=scale_choices, resize=resize,
-                                              resample=resample, with_valid=True)
+                                              resample=resample, mask_resample=mask_resample,
+                                              with_valid=True)
         j = len(keys)
         images[j], masks[j], valid[j] = image, mask, size
         labels[j] = multi_hot(batch["labels"][i], num_classes)
@@ -209,6 +211,7 @@ def train_dataset(
     scale_choices: tuple[float, ...] | None = None,
     resize: tuple[int, int] | None = None,
     resample: str = "cv2",
+    mask_resample: str = "nearest",
     passes: int = 1,
 ) -> ray.data.Dataset:
     """A training stream of fixed-size crops (decode + random rescale + crop on CPU tasks).
@@ -237,6 +240,9 @@ def train_dataset(
             kept (mmseg ``keep_ratio=False``); excludes ``base_scale``.
         resample: image filter of the rescale, ``"cv2"`` (mmcv) or ``"pillow"`` (PIL, as
             torchvision): see :func:`~segray.data.decode.random_scale_crop`.
+        mask_resample: label filter of the rescale, ``"nearest"`` (pixel centres),
+            ``"cv2_nearest"`` or ``"cv2_area"`` (OpenCV's, binary maps): see
+            :func:`~segray.data.decode.random_scale_crop`.
         passes: epochs one execution of the stream covers. Every execution restarts Ray Data's
             executor and the split coordinator (seconds); on a small dataset several epochs per
             execution keep the accelerator fed. Each pass draws its own crops.
@@ -246,8 +252,8 @@ def train_dataset(
         ``labels`` uint8 (K,) and ``valid`` int16 (2,) (the crop's size before padding).
 
     Raises:
-        ValueError: bad ``on_bad_sample``, ``crop`` or ``resample``; with ``on_bad_sample="error"`` also a shard
-            without a needed column or a repeated key (see
+        ValueError: bad ``on_bad_sample``, ``crop``, ``resample`` or ``mask_resample``; with
+            ``on_bad_sample="error"`` also a shard without a needed column or a repeated key (see
             :func:`~segray.data.preflight.check_split`). Bad rows raise
             :class:`~segray.data.decode.BadSampleError` while streaming; a shard whose bytes
             differ from the manifest raises ``ValueError`` in either mode.
@@ -264,6 +270,8 @@ def train_dataset(
         raise ValueError(f"passes must be >= 1, got {passes}")
     if resample not in RESAMPLE_FILTERS:
         raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
+    if mask_resample not in MASK_FILTERS:
+        raise ValueError(f"mask_resample must be one of {MASK_FILTERS}, got {mask_resample!r}")
     fn_kwargs = {"num_classes": info.num_classes, "ignore_index": info.ignore_index,
                  "crop": (int(crop[0]), int(crop[1])),
                  "scale_range": (float(scale_range[0]), float(scale_range[1])), "seed": seed,
@@ -274,7 +282,7 @@ def train_dataset(
                  "base_scale": tuple(int(v) for v in base_scale) if base_scale else None,
                  "scale_choices": tuple(float(v) for v in scale_choices) if scale_choices else None,
                  "resize": tuple(int(v) for v in resize) if resize else None,
-                 "resample": resample}
+                 "resample": resample, "mask_resample": mask_resample}
     fn_kwargs["scheme"] = ""  # the work items below carry full URIs
     drop, exclude = check_split(info, split, columns, skip=on_bad_sample == "skip",
                                 counter=skip_counter)
