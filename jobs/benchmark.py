@@ -1,6 +1,7 @@
 """Throughput measured side by side in one run, printed as a table (``--out`` writes JSON).
 
-``python jobs/benchmark.py train --method supervised [--preset demo] [--steps 20] [--device cuda]``
+``python jobs/benchmark.py train --method supervised [--preset demo] [--bench-steps 20] [--rounds 3]
+[--device cuda]``
 ``python jobs/benchmark.py data [--local | --data URI] [--images 512] [--size 256] [--crop 128]``
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from segray.cli import UsageParser, build_config
+from segray.cli import UsageParser, build_config, positive_int
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -21,8 +22,14 @@ def cmd_train(args) -> dict:
     import torch
 
     from segray.benchmark import bench_train
+    from segray.launch import fail_usage
 
-    cfg = build_config(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail_usage("--device cuda: no CUDA device is visible to PyTorch (torch.cuda.is_available() "
+                   "is False); use --device cpu")
+    if args.device == "cuda" and args.gpus_per_worker is None:
+        args.gpus_per_worker = 1.0  # the config's device checks (e.g. fp16) then see the GPU
+    cfg = build_config(args, warn_untrained=False)
     res = bench_train(cfg, steps=args.bench_steps, rounds=args.rounds,
                       device=torch.device(args.device))
     print(_table([
@@ -98,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     from segray.cli import add_run_args
 
     add_run_args(t, method_default="supervised")
-    t.add_argument("--bench-steps", type=int, default=20, help="timed steps per round")
-    t.add_argument("--rounds", type=int, default=3)
+    t.add_argument("--bench-steps", type=positive_int, default=20, help="timed steps per round")
+    t.add_argument("--rounds", type=positive_int, default=3,
+                   help="alternating timed rounds (median kept)")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--out", default=None, help="write the results as JSON here")
     d = sub.add_parser("data", help="segray data pipeline vs DataLoader, decode limit, memory")

@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on a dataset split: metrics JSON + prediction overlays.
 
 ``python jobs/evaluate.py --checkpoint RUN/step_0000300 [--data URI] [--split val]
-[--mode whole|slide --crop 512 512 --stride 341 341] [--tta | --no-tta] [--out DIR]``
+[--mode whole|slide --crop 512 512 --stride 341 341] [--tta | --no-tta] [--test-scale LONG SHORT]
+[--max-images N] [--images 8] [--out DIR]``
 
 Options left out keep the checkpoint's own ``eval`` settings.
 """
@@ -12,7 +13,7 @@ import argparse
 import json
 import sys
 
-from segray.cli import UsageParser
+from segray.cli import UsageParser, positive_int
 from segray.launch import fail_usage
 
 
@@ -22,12 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="dataset URI (default: the run's dataset)")
     p.add_argument("--split", default="val")
     p.add_argument("--mode", choices=["whole", "slide"], default=None)
-    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--stride", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--crop", type=positive_int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--stride", type=positive_int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="multi-scale + flip test-time augmentation on or off "
                         "(default: the checkpoint's eval.tta)")
-    p.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"))
+    p.add_argument("--test-scale", type=positive_int, nargs=2, default=None,
+                   metavar=("LONG", "SHORT"))
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most N images (0: all)")
     p.add_argument("--images", type=int, default=8, help="overlays to save (0: none)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval-<split>)")
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
 
     from segray import storage
+    from segray.config import check
     from segray.data import BadSampleError, DatasetError
     from segray.evaluation import load_for_eval, run_evaluation
 
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     e.test_scale = args.test_scale or e.test_scale
     if e.mode == "slide" and not (e.crop and e.stride):
         fail_usage("--mode slide needs --crop H W and --stride H W (e.g. --crop 512 512 --stride 341 341)")
+    problems = check(cfg)  # the flags over the checkpoint's settings, e.g. a stride above the crop
+    if problems:
+        fail_usage("\n  - ".join([f"{len(problems)} problem(s) with the evaluation settings:",
+                                   *problems]))
     out = args.out or storage.join(args.checkpoint, f"eval-{args.split}")
     try:
         summary = run_evaluation(method, model, cfg, info, args.split, out,

@@ -13,10 +13,10 @@ import sys
 import time
 
 from segray import storage
-from segray.cli import UsageParser, build_config
-from segray.config import ConfigError, to_dict
+from segray.cli import UsageParser, build_config, port_number
+from segray.config import ConfigError, read_yaml, to_dict
 from segray.launch import UsageError, default_storage, fail_usage
-from segray.sweep import SweepSpec, check_values, load_space_file, parse_space
+from segray.sweep import SweepSpec, check_values, parse_space
 from segray.sweep.exporter import DEFAULT_PORT
 from segray.sweep.space import knob_names
 
@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=float, default=2.0,
                    help="ASHA keeps the best 1/R of trials at each rung (default: 2)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler and of every run")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_PORT,
+    p.add_argument("--metrics-port", type=port_number, default=DEFAULT_PORT,
                    help=f"Prometheus port on 127.0.0.1 (default: {DEFAULT_PORT}; 0 = off)")
     return p
 
@@ -80,7 +80,8 @@ def new_spec(args: argparse.Namespace, root: str, name: str) -> SweepSpec:
     knobs = get_method(args.method).Knobs
     try:
         if args.space:
-            raw, source = load_space_file(args.space), args.space
+            # Read as config files are (YAML 1.2 numbers: low: 1e-4 is a number, not text).
+            raw, source = read_yaml(args.space, what="search-space file"), args.space
         else:
             raw, source = get_method(args.method).search_space, f"{args.method}.search_space"
             if not raw:

@@ -32,6 +32,35 @@ def test_train_benchmark_smoke(tmp_path):
     assert res["ratio"] == pytest.approx(res["platform_images_per_s"] / res["bare_images_per_s"])
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
+    (["--bench-steps", "0"], "argument --bench-steps: expected an integer >= 1, got 0"),
+    (["--set", "train.precision=fp16"], "'fp16' needs a CUDA device"),
+])
+def test_train_benchmark_usage_errors_exit_2(tmp_path, flags, expected):
+    proc = run_job("benchmark.py", "train", *flags, env=job_env(tmp_path), check=False,
+                   timeout=120)
+    assert proc.returncode == 2 and expected in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_benchmark_on_cuda_without_a_gpu_is_a_usage_error(tmp_path):
+    proc = run_job("benchmark.py", "train", "--device", "cuda", env=job_env(tmp_path),
+                   check=False, timeout=120)
+    assert proc.returncode == 2 and "--device cuda: no CUDA device" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+def test_bench_train_refuses_empty_rounds():
+    from segray.benchmark import bench_train
+    from segray.config import Config
+
+    for kwargs in ({"steps": 0}, {"rounds": 0}, {"warmup": -1}):
+        with pytest.raises(ValueError, match="steps >= 1, rounds >= 1 and warmup >= 0"):
+            bench_train(Config(method="supervised"), **kwargs)
+
+
 @pytest.mark.cluster
 @pytest.mark.s3
 def test_data_benchmark_smoke(tmp_path):

@@ -76,3 +76,14 @@ def test_only_tensors_and_plain_data_load(tmp_path):
         f'{{"state_bytes": {len(data)}, "state_sha256": "{storage.sha256(data)}"}}')
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_state(str(folder))
+
+
+@pytest.mark.parametrize("damage", [b'{"method": "supervised", "st', b"\xff\xfe", b"[1, 2]"])
+def test_a_corrupt_meta_json_is_named(tmp_path, damage):
+    folder = _write(tmp_path, 10)
+    (folder / "meta.json").write_bytes(damage)
+    with pytest.raises(ValueError, match=f"checkpoint file {folder / 'meta.json'} is corrupt"):
+        load_meta(str(folder))
+    with pytest.raises(ValueError, match="meta.json is corrupt"):
+        load_state(str(folder))
+    assert not is_complete(str(folder)) and latest_checkpoint(str(tmp_path)) is None

@@ -170,6 +170,9 @@ def test_space_file(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("mask_ratio: {type: uniform, low: 0.2, high: 0.6}\n")
     assert parse_space(load_space_file(path), MASKSUP_KNOBS)["mask_ratio"].high == 0.6
+    path.write_text("optim.lr: {type: loguniform, low: 1e-5, high: 2E-3}\n")  # YAML 1.2 floats
+    assert load_space_file(path) == {"optim.lr": {"type": "loguniform", "low": 1e-5,
+                                                  "high": 2e-3}}
     path.write_text("mask_ratio: {type: uniform\n")
     with pytest.raises(SpaceError, match="not valid YAML"):
         load_space_file(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, job_env, run_job
 
 from segray.checkpoint import load_state
@@ -229,3 +230,172 @@ def test_masksup_trains_through_the_job(tmp_path, small_dataset):
     assert "paper_micro_jaccard_mean_per_image" in summary["val"] and "mIoU" in summary["val"]
     history = [json.loads(x) for x in (tmp_path / "runs" / "ms" / "metrics.jsonl").read_text().split("\n") if x]
     assert any("train/loss_masked" in h and "train/loss_consistency" in h for h in history)
+
+
+def test_impossible_values_fail_before_ray_starts(tmp_path):
+    """Values that used to pass validation and then gave NaN results or failed inside Ray."""
+    proc = run_job("train.py", "--method", "supervised", "--set", "train.eval_max_images=-1",
+                   "--set", "train.keep_checkpoints=-1", "--set", "train.precision=fp16",
+                   "--set", "eval.tta=true", "--set", "eval.ratios=[]",
+                   "--set", "data.shuffle_buffer=-1", "--storage", str(tmp_path / "runs"),
+                   env=job_env(tmp_path), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    for text in ("5 problem(s)", "train.eval_max_images: must be >= 0",
+                 "train.keep_checkpoints: must be >= 0", "'fp16' needs a CUDA device",
+                 "eval.tta needs at least one ratio", "data.shuffle_buffer: must be >= 0",
+                 "(from --set train.eval_max_images=-1)"):
+        assert text in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout and "Ray" not in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_scientific_notation_and_a_non_utf8_preset_file(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("# r\xe9glages\noptim:\n  lr: 2e-4\n".encode("latin-1"))
+    proc = run_job("train.py", "--method", "supervised", "--preset-file", str(bad),
+                   env=job_env(tmp_path), check=False, timeout=120)
+    assert proc.returncode == 2 and f"{bad}: not UTF-8 text" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout
+    # The README's example value is a number; the run then stops at the (missing) dataset.
+    proc = run_job("train.py", "--method", "supervised", "--set", "optim.lr=2e-4",
+                   "--data", str(tmp_path / "none"), env=job_env(tmp_path), check=False,
+                   timeout=120)
+    assert proc.returncode == 2 and "no dataset manifest" in proc.stdout, proc.stdout
+    assert "expected a number" not in proc.stdout
+
+
+def _saved_run(tmp_path: Path, *flags: str) -> Path:
+    """A run folder as a first attempt leaves it: config.yaml written, no checkpoint yet."""
+    from segray.cli import UsageParser, add_run_args, build_config
+    from segray.config import to_yaml
+
+    parser = UsageParser(prog="test")
+    add_run_args(parser, method_default="supervised")
+    cfg = build_config(parser.parse_args([*flags, "--name", "r1", "--storage",
+                                          str(tmp_path / "runs")]))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+def test_resuming_with_another_model_is_refused_before_ray(tmp_path):
+    run = _saved_run(tmp_path, "--set", "model.decoder_channels=32")
+    before = (run / "config.yaml").read_text()
+    proc = run_job("train.py", "--method", "supervised", "--set", "model.decoder_channels=64",
+                   "--set", "model.encoder=resnet34", "--steps", "50", "--name", "r1",
+                   "--storage", str(tmp_path / "runs"), env=job_env(tmp_path), check=False,
+                   timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert f"run folder {run} holds a run whose checkpoints do not fit this config" in proc.stdout
+    assert "model.decoder_channels: 32 -> 64" in proc.stdout
+    assert "model.encoder: 'resnet18' -> 'resnet34'" in proc.stdout
+    assert "train.steps" not in proc.stdout  # allowed changes are not part of the error
+    assert "Traceback" not in proc.stdout and "Started a local Ray" not in proc.stdout
+    assert (run / "config.yaml").read_text() == before  # the original is never overwritten
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_check_resume_sorts_allowed_from_refused_changes(tmp_path):
+    import dataclasses
+
+    from methods import get_method
+    from segray import launch
+    from segray.checkpoint import checkpoint_name, write_local
+    from segray.config import resolve, to_dict
+
+    knobs = get_method("supervised").Knobs
+    run = _saved_run(tmp_path)
+    raw = {k: v for k, v in launch.saved_config(str(run)).items() if k != "method"}
+    cfg = resolve({**raw, "train": {**raw["train"], "steps": 999, "eval_every": 7}}, knobs,
+                  "supervised")
+    assert launch.check_resume(cfg, str(run)) == ["train.eval_every", "train.steps"]
+    assert launch.check_resume(cfg, str(tmp_path / "runs" / "new")) is None
+    refused = [
+        dataclasses.replace(cfg, method="semask"),
+        resolve({**raw, "optim": {**raw["optim"], "name": "sgd"}}, knobs, "supervised"),
+        resolve({**raw, "model": {**raw["model"], "encoder_kwargs": {"output_stride": 8}}},
+                knobs, "supervised"),
+    ]
+    for other, key in zip(refused, ("method", "optim.name", "model.encoder_kwargs")):
+        with pytest.raises(launch.UsageError, match=key) as info:
+            launch.check_resume(other, str(run))
+        assert f"run folder {run} " in str(info.value)
+    # A setting segray gained after the run started is missing from its config.yaml: at its
+    # default it is no change (not even a knob); set otherwise it is one.
+    import yaml
+
+    older = yaml.safe_load((run / "config.yaml").read_text())
+    del older["data"]["mask_resample"], older["knobs"]["label_smoothing"]
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    assert launch.check_resume(resolve(raw, knobs, "supervised"), str(run)) == []
+    newer = resolve({**raw, "data": {**raw["data"], "mask_resample": "cv2_nearest"}}, knobs,
+                    "supervised")
+    assert launch.check_resume(newer, str(run)) == ["data.mask_resample"]
+    with pytest.raises(launch.UsageError, match="knobs.label_smoothing"):
+        launch.check_resume(resolve({**raw, "knobs": {"label_smoothing": 0.1}}, knobs,
+                                    "supervised"), str(run))
+    # A run folder with checkpoints but no config.yaml: the newest checkpoint's config counts.
+    (run / "config.yaml").unlink()
+    folder = write_local({"step": 3}, {"config": to_dict(cfg), "step": 3})
+    Path(folder).rename(run / checkpoint_name(3))
+    assert launch.check_resume(cfg, str(run)) == []
+    with pytest.raises(launch.UsageError, match="optim.name"):
+        launch.check_resume(refused[1], str(run))
+    assert launch.backup_config(str(run)) is None
+
+
+def test_an_allowed_change_on_resume_keeps_the_previous_config(tmp_path, small_dataset,
+                                                              monkeypatch, capsys):
+    """Everything run_training does before Ray starts, with Ray replaced by a stop."""
+    from segray import launch
+
+    class Stop(Exception):
+        pass
+
+    def stop(num_cpus):
+        raise Stop
+
+    monkeypatch.chdir(Path(small_dataset).parent)  # --data relative to the working folder
+    run = _saved_run(tmp_path, "--data", Path(small_dataset).name, "--steps", "20")
+    before = (run / "config.yaml").read_text()
+    monkeypatch.setattr(launch, "init_ray", stop)
+    from segray.cli import UsageParser, add_run_args, build_config
+
+    parser = UsageParser(prog="test")
+    add_run_args(parser, method_default="supervised")
+    cfg = build_config(parser.parse_args(["--data", Path(small_dataset).name, "--steps", "40",
+                                          "--name", "r1", "--storage", str(tmp_path / "runs")]))
+    with pytest.raises(Stop):
+        launch.run_training(cfg, quiet=True)
+    note = capsys.readouterr().err
+    assert "resuming r1 with changed settings: train.steps (the previous config.yaml is kept as " \
+        "config." in note
+    kept = [p for p in run.iterdir() if p.name.startswith("config.") and p.name != "config.yaml"]
+    assert len(kept) == 1 and kept[0].read_text() == before
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 40
+    assert saved["data"]["uri"] == small_dataset  # absolute, whatever folder evaluate.py runs in
+
+
+def test_evaluate_flag_and_checkpoint_errors_exit_2(tmp_path):
+    from segray.checkpoint import write_local
+
+    env = job_env(tmp_path)
+    for flags, expected in (
+        (["--mode", "slide", "--crop", "0", "0", "--stride", "0", "0"],
+         "argument --crop: expected an integer >= 1, got 0"),
+        (["--test-scale", "0", "5"], "argument --test-scale: expected an integer >= 1, got 0"),
+    ):
+        proc = run_job("evaluate.py", "--checkpoint", str(tmp_path), *flags, env=env,
+                       check=False, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stdout, proc.stdout
+        assert "Traceback" not in proc.stdout
+    ckpt = tmp_path / "step_0000001"
+    Path(write_local({"model": {}}, {"method": "supervised"})).rename(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps(meta)[:-5])  # cut short
+    proc = run_job("evaluate.py", "--checkpoint", str(ckpt), env=env, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert f"checkpoint file {ckpt / 'meta.json'} is corrupt" in proc.stdout
+    assert "Traceback" not in proc.stdout

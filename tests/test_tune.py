@@ -101,6 +101,23 @@ def test_usage_errors_exit_2(tmp_path, space, args, expected):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("sweep.yaml"))
 
 
+def test_a_space_file_reads_scientific_notation_and_ports_are_checked(tmp_path):
+    space = tmp_path / "space.yaml"
+    # The misspelt knob makes the sweep stop before Ray; the lr line must not be a second problem.
+    space.write_text("optim.lr: {type: loguniform, low: 1e-4, high: 1e-2}\n"
+                     "mask_ratoi: {type: uniform, low: 0.1, high: 0.5}\n")
+    env = job_env(tmp_path)
+    proc = run_job("tune.py", "--space", str(space), "--storage", str(tmp_path / "runs"),
+                   "--metrics-port", "0", env=env, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "1 problem(s) in" in proc.stdout and "mask_ratoi" in proc.stdout, proc.stdout
+    assert "must be numbers" not in proc.stdout
+    for port in ("70000", "-1", "http"):
+        proc = run_job("tune.py", "--metrics-port", port, env=env, check=False, timeout=120)
+        assert proc.returncode == 2 and "argument --metrics-port: expected a port" in proc.stdout
+        assert "Traceback" not in proc.stdout
+
+
 def _scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()

@@ -182,6 +182,11 @@ class MaskSup:
         "gamma": {"type": "uniform", "low": 0.0, "high": 1.0},
     }
 
+    @staticmethod
+    def pretrained_expected(knobs: MaskSupKnobs) -> bool:
+        """Only LeViT starts from ImageNet weights; the official U-Net++ trains from scratch."""
+        return knobs.arch == "levit_unet_384"
+
     def __init__(self, knobs: MaskSupKnobs | Mapping[str, Any], ctx: MethodContext) -> None:
         if isinstance(knobs, Mapping):
             names = {f.name for f in dataclasses.fields(MaskSupKnobs)}

@@ -50,6 +50,8 @@ def synthetic_batches(n: int, batch: int, crop: tuple[int, int], seed: int = 0) 
 def _bare_loop(method: Any, model: torch.nn.Module, opt: Any, sched: Any, cfg: Config, runtime: Any,
                batches: list, steps: int) -> float:
     """A hand-written training loop: what a researcher would write without a platform."""
+    if steps < 1:  # nothing to time (and no loss to wait for)
+        return 0.0
     mean = torch.tensor(cfg.augment.mean, device=runtime.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.augment.std, device=runtime.device).view(1, 3, 1, 1)
     model.train()
@@ -73,6 +75,8 @@ def _bare_loop(method: Any, model: torch.nn.Module, opt: Any, sched: Any, cfg: C
 
 
 def _platform_loop(runner: StepRunner, batches: list, steps: int) -> float:
+    if steps < 1:
+        return 0.0
     start = time.perf_counter()
     for i in range(steps):
         raw = batches[i % len(batches)]
@@ -101,7 +105,13 @@ def bench_train(cfg: Config, *, steps: int = 20, warmup: int = 3, rounds: int = 
 
     Returns:
         ``{"platform_images_per_s", "bare_images_per_s", "ratio", ...}``.
+
+    Raises:
+        ValueError: ``steps`` or ``rounds`` below 1, ``warmup`` below 0.
     """
+    if steps < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"bench_train needs steps >= 1, rounds >= 1 and warmup >= 0, got "
+                         f"steps={steps}, rounds={rounds}, warmup={warmup}")
     device = device or torch.device("cpu")
     cfg.augment.photometric = False
     runtime = resolve_runtime(device, cfg.train.precision, cfg.train.channels_last)

@@ -64,8 +64,22 @@ def load_state(folder_or_uri: str) -> dict[str, Any]:
 
 
 def load_meta(folder_or_uri: str) -> dict[str, Any]:
-    """Load ``meta.json`` of a checkpoint."""
-    return json.loads(storage.read_text(storage.join(folder_or_uri, META_FILE)))
+    """Load ``meta.json`` of a checkpoint.
+
+    Raises:
+        FileNotFoundError: naming the file when it is missing.
+        ValueError: naming the file when it is not a JSON object (a damaged checkpoint).
+    """
+    uri = storage.join(folder_or_uri, META_FILE)
+    try:
+        meta = json.loads(storage.read_bytes(uri).decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise ValueError(f"checkpoint file {uri} is corrupt: not valid JSON ({e}); use an "
+                         "earlier step_* folder of the run") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint file {uri} is corrupt: expected a JSON object, got "
+                         f"{type(meta).__name__}; use an earlier step_* folder of the run")
+    return meta
 
 
 def is_complete(folder_or_uri: str) -> bool:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from segray import storage
 from segray.config import ConfigError, deep_merge, load_preset, parse_overrides, resolve
 
 
@@ -57,6 +58,8 @@ def _within(ok: Callable[[Any], bool], expected: str) -> Callable[[Any], Any]:
 positive_int = checked_type(int, _within(lambda v: v >= 1, "an integer >= 1"), "an integer >= 1")
 fraction = checked_type(float, _within(lambda v: 0 <= v < 1, "a number in [0, 1)"),
                         "a number in [0, 1)")
+port_number = checked_type(int, _within(lambda v: 0 <= v <= 65535, "a port in 0-65535"),
+                           "a port number")
 
 
 def add_run_args(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
@@ -79,11 +82,32 @@ def add_run_args(p: argparse.ArgumentParser, method_default: str | None = None) 
                    help="override any config value, e.g. --set optim.lr=0.01 (repeatable)")
 
 
-def build_config(args: argparse.Namespace) -> Any:
+# Keys of a preset file that tie it to one run folder. A run's config.yaml holds them; re-running
+# it with --preset-file starts a fresh run (as the sweep's best.yaml does), so they are dropped and
+# only --name / --storage pick the run.
+RUN_KEYS = ("name", "storage")
+
+FLAG_KEYS = {"data": "data.uri", "steps": "train.steps", "batch_size": "data.batch_size",
+             "eval_every": "train.eval_every", "workers": "workers",
+             "gpus_per_worker": "gpus_per_worker", "storage": "storage", "name": "name",
+             "seed": "seed"}
+
+
+def build_config(args: argparse.Namespace, warn_untrained: bool = True) -> Any:
     """Resolve preset + flags + ``--set`` overrides into a validated :class:`~segray.config.Config`.
 
+    A ``--preset-file``'s ``name`` and ``storage`` (a run folder's ``config.yaml`` has both) are
+    dropped, so the file starts a fresh run; ``--name`` / ``--storage`` choose one. Local paths
+    (``data.uri``, ``model.pretrained``) are made absolute, so the saved config means the same
+    files from any working directory.
+
+    Args:
+        args: parsed flags of :func:`add_run_args`.
+        warn_untrained: print a warning when a non-demo preset has no ``model.pretrained``.
+
     Raises:
-        SystemExit(2): on any usage error, with every problem listed.
+        SystemExit(2): on any usage error, with every problem listed; an error about a value
+            given on the command line says which flag or ``--set`` item it came from.
     """
     from methods import get_method, preset_path
 
@@ -97,29 +121,62 @@ def build_config(args: argparse.Namespace) -> Any:
                 raise ConfigError([f"{source} is a preset for method '{raw['method']}', "
                                    f"not '{args.method}'"])
             raw.pop("method", None)
+            _drop_run_keys(raw, source)
         else:
             source = str(preset_path(args.method, args.preset))
             raw = load_preset(source)
             preset = args.preset
-        flags = {
-            "data.uri": args.data, "train.steps": args.steps, "data.batch_size": args.batch_size,
-            "train.eval_every": args.eval_every, "workers": args.workers,
-            "gpus_per_worker": args.gpus_per_worker, "storage": args.storage,
-            "name": args.name, "seed": args.seed,
-        }
-        items = [f"{k}={v}" for k, v in flags.items() if v is not None]
-        over = parse_overrides(items)
+        flags = {key: getattr(args, attr) for attr, key in FLAG_KEYS.items()
+                 if getattr(args, attr) is not None}
+        over = parse_overrides([f"{k}={v}" for k, v in flags.items()])
         # Flags carry exact strings (paths, names): keep them unparsed.
         for key in ("storage", "name"):
-            if flags[key] is not None:
+            if key in flags:
                 over[key] = flags[key]
-        if args.data is not None:
-            over.setdefault("data", {})["uri"] = args.data
+        if "data.uri" in flags:
+            over.setdefault("data", {})["uri"] = flags["data.uri"]
+        origins = {k: "--" + attr.replace("_", "-") for attr, k in FLAG_KEYS.items()
+                   if k in flags}
+        for item in args.overrides:
+            origins[item.split("=", 1)[0].strip()] = f"--set {item}"
         raw = deep_merge(deep_merge(raw, over), parse_overrides(args.overrides))
-        cfg = resolve(raw, method_cls.Knobs, args.method, source=source)
+        where = f"{source} and the command line" if origins else source
+        cfg = resolve(raw, method_cls.Knobs, args.method, source=where, origins=origins)
         cfg.preset = preset
-        return cfg
     except (ConfigError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+    for section, key in ((cfg.data, "uri"), (cfg.model, "pretrained")):
+        if getattr(section, key):
+            setattr(section, key, storage.absolute(getattr(section, key)))
+    if warn_untrained:
+        warn_random_init(cfg, method_cls)
+    return cfg
+
+
+def _drop_run_keys(raw: dict[str, Any], source: str) -> None:
+    dropped = {k: raw.pop(k) for k in RUN_KEYS if k in raw}
+    named = {k: v for k, v in dropped.items() if v}
+    if named:
+        which = ", ".join(f"{k}: {v}" for k, v in named.items())
+        again = " ".join(f"--{k} {v}" for k, v in named.items())
+        print(f"[segray] note: {source} names a run ({which}); a preset file starts a fresh run: "
+              f"pass {again} to resume that run instead", file=sys.stderr)
+
+
+def warn_random_init(cfg: Any, method_cls: Any) -> None:
+    """Warn (one line on stderr) when a non-demo preset would train without pretrained weights.
+
+    A method whose network is meant to start from scratch for some knobs can say so with an
+    optional ``pretrained_expected(knobs) -> bool``; without it, weights are expected.
+    """
+    if cfg.preset == "demo" or cfg.model.pretrained:
+        return
+    expected = getattr(method_cls, "pretrained_expected", None)
+    if callable(expected) and not expected(cfg.knobs):
+        return
+    model = getattr(cfg.knobs, "arch", None) or cfg.model.encoder
+    print(f"warning: model.pretrained is empty: training {model} from random initialisation; "
+          "the paper recipe starts from pretrained weights "
+          "(pass --set model.pretrained=PATH_OR_S3_URI)", file=sys.stderr)

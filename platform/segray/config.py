@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +46,8 @@ class DataConfig:
     scale_choices: list[float] | None = None  # discrete ratios instead of a uniform range
     resample: Literal["cv2", "pillow"] = "cv2"  # image filter of the rescale: mmcv's cv2 bilinear,
     #                                             or Pillow's antialiased one (torchvision on PIL)
+    mask_resample: Literal["nearest", "cv2_nearest", "cv2_area"] = "nearest"  # label filter:
+    #   pixel centres, OpenCV's INTER_NEAREST, or OpenCV's INTER_AREA of binary {0, 1} labels
     cat_max_ratio: float = 1.0
     batch_size: int = 8  # global batch, split across workers
     eval_batch_size: int = 8
@@ -152,13 +156,54 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; errors name the file."""
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (same safe constructors) that reads floats as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: ``2e-4`` and ``1E5`` load as strings and
+    ``optim.lr=2e-4`` would be refused. Here an exponent alone makes a float too; integers, dates
+    and everything else resolve as before.
+    """
+
+
+_FLOAT = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+     [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats: ``2e-4``, ``1E5`` and ``1.0e-4`` are numbers.
+
+    Example:
+        >>> yaml_load("lr: 2e-4")
+        {'lr': 0.0002}
+    """
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: safe_load semantics
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping with :func:`yaml_load`; errors name the file.
+
+    Raises:
+        FileNotFoundError: naming the missing file (``what`` says what it should have been).
+        ConfigError: the file is not UTF-8, not valid YAML, or not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
+        raise FileNotFoundError(f"no {what} at {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a {what} "
+                           "must be a UTF-8 YAML file"], str(path)) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML ({e})"], str(path)) from e
     if not isinstance(data, dict):
@@ -195,7 +240,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=[1,2]"]`` into a nested dict; values are parsed as YAML scalars/lists.
+    """Turn ``["a.b=1", "c=[1,2]"]`` into a nested dict; values are parsed as YAML scalars/lists
+    (:func:`yaml_load`, so ``optim.lr=2e-4`` is a number).
 
     Raises:
         ConfigError: for an item without ``=``.
@@ -208,7 +254,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             continue
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -225,7 +271,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve(raw: dict[str, Any], knobs_type: type | None, method: str, source: str = "config") -> Config:
+def resolve(raw: dict[str, Any], knobs_type: type | None, method: str, source: str = "config",
+            origins: dict[str, str] | None = None) -> Config:
     """Build and validate a :class:`Config` from a raw mapping, reporting every error at once.
 
     Args:
@@ -233,6 +280,8 @@ def resolve(raw: dict[str, Any], knobs_type: type | None, method: str, source: s
         knobs_type: the method's Knobs dataclass (``None`` for no knobs).
         method: method name recorded in the config.
         source: what to call the input in error messages (preset path, "--set overrides"...).
+        origins: where values not from ``source`` came from, by dotted key
+            (``{"optim.lr": "--set optim.lr=2e-4"}``); an error about such a key names it.
 
     Raises:
         ConfigError: listing every unknown key, wrong type and invalid value.
@@ -248,10 +297,29 @@ def resolve(raw: dict[str, Any], knobs_type: type | None, method: str, source: s
     elif knobs_raw:
         errors.append(f"knobs: method '{method}' has no knobs, got {sorted(knobs_raw)}")
     if not errors:
-        errors += _check(cfg)
+        errors += check(cfg)
     if errors:
-        raise ConfigError(errors, source)
+        raise ConfigError([_with_origin(err, origins or {}) for err in errors], source)
     return cfg
+
+
+def _with_origin(error: str, origins: dict[str, str]) -> str:
+    """``error`` with ``(from --set ...)`` appended when the key it is about came from there."""
+    match = re.match(r"(?:unknown key ')?([\w.]+)", error)
+    key = match.group(1) if match else ""
+    found = [origins[k] for k in origins if k == key or k.startswith(key + ".")] if key else []
+    return f"{error} (from {', '.join(dict.fromkeys(found))})" if found else error
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested mapping: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -338,6 +406,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):  # .inf / .nan are YAML numbers no setting can use
+            return False, value, "a finite number"
         return ok, float(value) if ok else value, "a number"
     if hint is str:
         return isinstance(value, str), value, "a string"
@@ -348,10 +418,18 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _check(cfg: Config) -> list[str]:
-    """Semantic checks that types alone cannot express."""
-    e = []
-    d, t, o = cfg.data, cfg.train, cfg.optim
+def check(cfg: Config) -> list[str]:
+    """Semantic checks that types alone cannot express: every number within what a run can use,
+    settings that need or exclude each other, and a precision the configured device supports.
+
+    Args:
+        cfg: a config whose values already have the right types.
+
+    Returns:
+        One message per problem, naming the key, the value and what is expected (empty if valid).
+    """
+    e: list[str] = []
+    d, m, o, a, t, ev = cfg.data, cfg.model, cfg.optim, cfg.augment, cfg.train, cfg.eval
 
     def pair(name: str, v: list | None, allow_none: bool = False) -> None:
         if v is None:
@@ -361,35 +439,86 @@ def _check(cfg: Config) -> list[str]:
         if len(v) != 2 or any(x <= 0 for x in v):
             e.append(f"{name}: expected two positive integers [h, w], got {v}")
 
+    def at_least(name: str, v: float, low: float, meaning: str = "") -> None:
+        if v < low:
+            e.append(f"{name}: must be >= {low}{meaning}, got {v}")
+
+    def within(name: str, v: float, low: float, high: float, meaning: str = "") -> None:
+        if not low <= v <= high:
+            e.append(f"{name}: must be in [{low}, {high}]{meaning}, got {v}")
+
     pair("data.crop_size", d.crop_size)
     pair("data.base_scale", d.base_scale, allow_none=True)
     pair("data.resize", d.resize, allow_none=True)
     if d.base_scale and d.resize:
         e.append("data.resize and data.base_scale exclude each other: resize sets the exact size "
                  "(aspect not kept), base_scale a size to fit keeping the aspect; set one to null")
-    pair("eval.test_scale", cfg.eval.test_scale, allow_none=True)
-    pair("eval.crop", cfg.eval.crop, allow_none=True)
-    pair("eval.stride", cfg.eval.stride, allow_none=True)
+    pair("eval.test_scale", ev.test_scale, allow_none=True)
+    pair("eval.crop", ev.crop, allow_none=True)
+    pair("eval.stride", ev.stride, allow_none=True)
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         e.append(f"data.scale_range: expected [low, high] with 0 < low <= high, got {d.scale_range}")
-    if cfg.eval.mode == "slide" and not (cfg.eval.crop and cfg.eval.stride):
+    if d.scale_choices is not None and (not d.scale_choices or min(d.scale_choices) <= 0):
+        e.append(f"data.scale_choices: expected a non-empty list of ratios > 0, or null for "
+                 f"data.scale_range, got {d.scale_choices}")
+    if not 0 < d.cat_max_ratio <= 1:
+        e.append(f"data.cat_max_ratio: must be in (0, 1] (1 = off), got {d.cat_max_ratio}")
+    for name, split in [("data.train_split", d.train_split), ("data.val_split", d.val_split),
+                        ("data.unlabeled_split", d.unlabeled_split)]:
+        if not split.strip():
+            e.append(f"{name}: must name a split of the dataset, got {split!r}")
+    if ev.mode == "slide" and not (ev.crop and ev.stride):
         e.append("eval.mode: 'slide' needs eval.crop and eval.stride, e.g. [512, 512] and [341, 341]")
+    if (ev.crop and ev.stride and len(ev.crop) == len(ev.stride) == 2
+            and any(s > c for s, c in zip(ev.stride, ev.crop))):
+        e.append(f"eval.stride: must be <= eval.crop in both directions (windows must overlap or "
+                 f"touch to cover the image), got stride {ev.stride} for crop {ev.crop}")
+    if ev.tta and not ev.ratios:
+        e.append("eval.ratios: eval.tta needs at least one ratio, e.g. [0.5, 1.0, 1.5]; or set "
+                 "eval.tta=false")
+    if ev.ratios and min(ev.ratios) <= 0:
+        e.append(f"eval.ratios: every ratio must be > 0, got {ev.ratios}")
     for name, v in [("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size),
                     ("train.steps", t.steps), ("train.log_every", t.log_every),
-                    ("workers", cfg.workers)]:
+                    ("workers", cfg.workers), ("model.decoder_channels", m.decoder_channels)]:
         if v < 1:
             e.append(f"{name}: must be >= 1, got {v}")
     if t.eval_every < 0:
         e.append(f"train.eval_every: must be >= 0 (0 = only at the end), got {t.eval_every}")
+    at_least("data.prefetch_batches", d.prefetch_batches, 0)
+    at_least("data.rows_per_execution", d.rows_per_execution, 0, " (0 = the whole run)")
+    at_least("data.shuffle_buffer", d.shuffle_buffer, 0, " rows (0 = no local shuffle)")
+    at_least("train.keep_checkpoints", t.keep_checkpoints, 0, " (0 = keep all)")
+    at_least("train.max_failures", t.max_failures, -1, " (-1 = retry without limit)")
+    at_least("train.eval_max_images", t.eval_max_images, 0, " (0 = the whole split)")
+    at_least("train.report_images", t.report_images, 0)
     if d.batch_size % max(cfg.workers, 1):
         e.append(f"data.batch_size: the global batch {d.batch_size} must divide evenly over "
                  f"{cfg.workers} workers")
     if o.lr <= 0:
         e.append(f"optim.lr: must be > 0, got {o.lr}")
+    at_least("optim.weight_decay", o.weight_decay, 0)
+    within("optim.momentum", o.momentum, 0, 1)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        e.append(f"optim.betas: expected two values in [0, 1), got {o.betas}")
+    at_least("optim.poly_power", o.poly_power, 0)
+    at_least("optim.min_lr", o.min_lr, 0)
+    at_least("optim.warmup_steps", o.warmup_steps, 0)
+    within("optim.warmup_ratio", o.warmup_ratio, 0, 1, " (of optim.lr at step 0)")
+    at_least("optim.step_size", o.step_size, 0)
+    if o.step_gamma <= 0:
+        e.append(f"optim.step_gamma: must be > 0, got {o.step_gamma}")
+    at_least("optim.grad_clip", o.grad_clip, 0, " (0 = off)")
     if o.schedule == "step" and o.step_size < 1:
         e.append("optim.step_size: schedule 'step' needs step_size >= 1 (in optimizer steps)")
-    if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:
+    if len(a.mean) != 3 or len(a.std) != 3 or min(a.std) <= 0:
         e.append("augment.mean/std: expected three values each, std > 0")
+    within("augment.hflip", a.hflip, 0, 1, " (a probability)")
     if cfg.gpus_per_worker < 0:
         e.append(f"gpus_per_worker: must be >= 0, got {cfg.gpus_per_worker}")
+    at_least("cpus_per_worker", cfg.cpus_per_worker, 0)
+    at_least("seed", cfg.seed, 0)
+    if t.precision == "fp16" and cfg.gpus_per_worker == 0:
+        e.append("train.precision: 'fp16' needs a CUDA device, but gpus_per_worker is 0 (CPU "
+                 "workers); use 'bf16', 'fp32' or 'auto' on CPU, or pass --gpus-per-worker 1")
     return e

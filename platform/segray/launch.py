@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -127,6 +128,7 @@ def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]
                   on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio, skip_counter=skips,
                   base_scale=tuple(d.base_scale) if d.base_scale else None,
                   resize=tuple(d.resize) if d.resize else None, resample=d.resample,
+                  mask_resample=d.mask_resample,
                   scale_choices=tuple(d.scale_choices) if d.scale_choices else None)
     try:
         datasets = {"train": train_dataset(info, d.train_split, **common,
@@ -194,26 +196,33 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     """Run (or resume) a training run and return its summary.
 
     A run is identified by ``storage/name``: re-running with the same name resumes from its latest
-    checkpoint instead of starting over.
+    checkpoint instead of starting over (see :func:`check_resume` for what may change).
 
     Raises:
         UsageError: for bad data (also a bad row met while streaming: the run stops, see
             :mod:`segray.worker`), method or storage arguments.
         ray.train.TrainingFailedError: when workers fail more than ``train.max_failures`` times.
     """
-    info = resolve_data(cfg)
+    if cfg.data.uri:
+        cfg.data.uri = storage.absolute(cfg.data.uri)  # evaluate.py may run from another folder
     cfg.name = cfg.name or default_name(cfg)
     run_root = storage.absolute(cfg.storage or default_storage())
     cfg.storage = run_root
     run_uri = storage.join(run_root, cfg.name)
-    storage.makedirs(run_uri)
-    resumed = storage.exists(storage.join(run_uri, report.CONFIG_FILE))
+    changed = check_resume(cfg, run_uri)  # before anything is written or started
+    info = resolve_data(cfg)
+    resumed = changed is not None
     text = to_yaml(cfg)
     if not quiet:
         print(f"[segray] {'resuming' if resumed else 'starting'} run {cfg.name} -> {run_uri}")
         print(f"[segray] dataset {info.uri}: {info.num_classes} classes, "
               f"{info.num_rows(cfg.data.train_split)} train / {info.num_rows(cfg.data.val_split)} val")
         print("[segray] resolved config:\n" + text, flush=True)
+    if changed:
+        kept = backup_config(run_uri)
+        print(f"[segray] note: resuming {cfg.name} with changed settings: {', '.join(changed)}"
+              + (f" (the previous config.yaml is kept as {kept})" if kept else ""), file=sys.stderr)
+    storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
     report.clear_data_error(run_uri)  # this attempt may read fixed data, or skip bad rows
     init_ray(local_cpus(cfg))
@@ -228,6 +237,92 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
         raise UsageError(f"{recorded}; the run stopped there and keeps its checkpoints: "
                          f"{advice}") from None
     return result.return_value or report.read_summary(run_uri)
+
+
+# What the checkpoints of a run hold state for, so a resume must not change it: the method, any
+# key under "model." or "knobs." (the network's shape; a knob may choose the architecture) and
+# the optimizer's kind and parameter groups.
+FIXED_ON_RESUME = ("method", "model.", "knobs.", "optim.name", "optim.amsgrad", "optim.no_decay")
+
+
+def saved_config(run_uri: str) -> dict[str, Any] | None:
+    """The config a run folder was started with: its ``config.yaml``, else the config in its
+    newest checkpoint's ``meta.json``; ``None`` for a folder that holds no run.
+
+    Raises:
+        UsageError: the folder's ``config.yaml`` cannot be read as a config.
+    """
+    import yaml
+
+    from segray.checkpoint import latest_checkpoint, load_meta
+    from segray.config import yaml_load
+
+    uri = storage.join(run_uri, report.CONFIG_FILE)
+    if storage.exists(uri):
+        try:
+            saved = yaml_load(storage.read_text(uri)) or {}
+        except (ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+            raise UsageError(f"{uri} is not a readable config ({e}); move it away to resume "
+                             "from the checkpoints' own config, or pick a new --name") from None
+        if not isinstance(saved, dict):
+            raise UsageError(f"{uri} is not a config mapping; move it away or pick a new --name")
+        return saved
+    latest = latest_checkpoint(run_uri) if storage.exists(run_uri) else None
+    return load_meta(latest).get("config", {}) if latest else None
+
+
+def check_resume(cfg: Config, run_uri: str) -> list[str] | None:
+    """Compare a run's new config with the one it was started with, before anything is written.
+
+    Extending a run (``train.steps``, ``train.eval_every``, the learning rate...) is allowed; a
+    different method, model section, knobs or optimizer kind would not fit the checkpoints.
+
+    Args:
+        cfg: the resolved config of this attempt (``name`` and ``storage`` set).
+        run_uri: its run folder (local or ``s3://``).
+
+    Returns:
+        ``None`` for a new run, else the keys whose values changed (empty when none did).
+
+    Raises:
+        UsageError: naming the run folder and the keys that may not change.
+    """
+    from segray.config import Config, flatten, to_dict
+
+    old = saved_config(run_uri)
+    if old is None:
+        return None
+    before, after = flatten(old), flatten(to_dict(cfg))
+    # A setting added to segray after the run started is missing from its config: at its
+    # default it changes nothing (the run trained with that behaviour).
+    knobs = type(cfg.knobs)() if dataclasses.is_dataclass(cfg.knobs) else None
+    defaults = flatten(to_dict(Config(knobs=knobs)))
+    for one, other in ((before, after), (after, before)):  # `knobs: {}` before a knob existed
+        for k in [k for k, v in one.items() if v == {} and k not in other
+                  and any(o.startswith(k + ".") for o in other)]:
+            del one[k]
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and k not in ("name", "storage")
+                     and not (k not in before and k in defaults and after[k] == defaults[k]))
+    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        diff = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in fixed)
+        raise UsageError(
+            f"run folder {run_uri} holds a run whose checkpoints do not fit this config ({diff}); "
+            f"pick a new --name to start a fresh run, or re-run with the settings of "
+            f"{storage.join(run_uri, report.CONFIG_FILE)} to resume it")
+    return changed
+
+
+def backup_config(run_uri: str) -> str | None:
+    """Copy a run's ``config.yaml`` to ``config.<UTC time>.yaml`` beside it, so the settings each
+    attempt ran with stay on record; returns that name (``None`` when there was no config.yaml)."""
+    old = storage.join(run_uri, report.CONFIG_FILE)
+    if not storage.exists(old):
+        return None
+    name = f"config.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"
+    storage.write_text(storage.join(run_uri, name), storage.read_text(old))
+    return name
 
 
 def fail_usage(message: str, code: int = 2) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from segray.config import Config, ConfigError, deep_merge, resolve
+from segray.config import Config, ConfigError, deep_merge, resolve, yaml_load
 
 TYPES = ("uniform", "loguniform", "int", "choice")
 FIELDS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "int": ("low", "high"),
@@ -116,7 +116,7 @@ def config_keys() -> list[str]:
 
 
 def load_space_file(path: str | Path) -> Any:
-    """Read a space YAML with ``yaml.safe_load``.
+    """Read a space YAML with :func:`segray.config.yaml_load` (``safe_load``; ``1e-4`` is a number).
 
     Raises:
         FileNotFoundError: naming the missing file.
@@ -126,7 +126,7 @@ def load_space_file(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no search-space file at {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpaceError([f"not valid YAML ({e})"], str(path)) from e
 
