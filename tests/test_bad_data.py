@@ -3,7 +3,8 @@ split), by default; with ``data.on_bad_sample=skip`` a run skips the bad rows an
 its metrics and summary.
 
 Detection is checked without Ray first (decode checks, shard scans, manifests), then on a real
-local Ray through the streams the train job builds, then end to end through ``jobs/train.py``.
+local Ray through the streams the train job builds; end to end through ``jobs/train.py`` in
+test_bad_data_jobs.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_env, run_job
+from bad_rows import (
+    NUM_CLASSES,
+    drop_mask,
+    flip_a_byte,
+    good_rows,
+    mixed,
+    rewrite_shard,
+    row_variants,
+    set_key,
+    write_rows,
+)
 
 from segray import storage
 from segray.data.decode import BadSampleError, validate_sample
@@ -25,87 +36,17 @@ from segray.data.manifest import DatasetError, open_dataset
 from segray.data.preflight import check_split
 from segray.data.shards import DatasetWriter, encode_mask_png
 from segray.data.stream import iter_rows
-from segray.data.synthetic import make_synthetic
 from segray.worker import data_error_in, run_worker
-
-NUM_CLASSES = 6  # the synthetic set's classes
-TRAIN = ["--method", "supervised", "--steps", "4", "--eval-every", "4", "--batch-size", "4",
-         "--set", "model.decoder_channels=16", "--set", "train.log_every=2"]
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    """Rows of a small clean synthetic set: 16 train and 4 val images of 32x32."""
-    info = make_synthetic(str(tmp_path_factory.mktemp("bad") / "good"), train=16, val=4,
-                          unlabeled=0, size=32, seed=5, rows_per_shard=8)
-    return info, list(iter_rows(info, "train")), list(iter_rows(info, "val"))
-
-
-def _write(dst: Path, info, train: list[dict], val: list[dict]) -> Path:
-    """Write rows with the real writer: 4 rows per shard, so shard i holds rows 4i..4i+3."""
-    with DatasetWriter(str(dst), "bad", info.classes, info.palette, rows_per_shard=4) as w:
-        for split, rows in (("train", train), ("val", val)):
-            for r in rows:
-                w.add(split, r["key"], r["image"], r["mask"], r["labels"], r["height"], r["width"])
-    return dst
-
-
-def _rewrite_shard(dst: Path, name: str, edit) -> None:
-    """Replace a shard with ``edit(table)`` and record its new checksum in the manifest.
-
-    This bypasses the writer's own checks (unique keys, schema), as a hand-edited or foreign
-    dataset would; the manifest stays consistent, so only the structure checks can catch it.
-    """
-    table = edit(pq.read_table(dst / name))
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    data = sink.getvalue()
-    (dst / name).write_bytes(data)
-    manifest = json.loads((dst / "dataset.json").read_text())
-    for shards in manifest["splits"].values():
-        for shard in shards:
-            if shard["path"] == name:
-                shard.update(sha256=storage.sha256(data), bytes=len(data), rows=table.num_rows)
-    (dst / "dataset.json").write_text(json.dumps(manifest))
-
-
-def _set_key(table: pa.Table, row: int, key: str) -> pa.Table:
-    keys = table.column("key").to_pylist()
-    keys[row] = key
-    return table.set_column(table.schema.get_field_index("key"), "key",
-                            pa.array(keys, pa.string()))
-
-
-def _drop_mask(table: pa.Table) -> pa.Table:
-    return table.drop_columns(["mask"])
-
-
-def _row_variants(rows: list[dict], row: int = 5) -> dict[str, tuple[list[dict], int]]:
-    """Row-level bad cases, each at index ``row``: (rows, index of the bad row)."""
-
-    def with_row(**change) -> tuple[list[dict], int]:
-        out = [dict(r) for r in rows]
-        out[row].update(change)
-        return out, row
-
-    h, w = rows[row]["height"], rows[row]["width"]
-    out_of_range = np.zeros((h, w), np.uint8)
-    out_of_range[0, :3] = [1, NUM_CLASSES + 3, 255]  # 9 is no class; 255 (ignore) is fine
-    jpeg = rows[row]["image"]
-    assert jpeg[:2] == b"\xff\xd8", "the synthetic set stores this row as a JPEG"
-    sos = jpeg.index(b"\xff\xda")
-    return {
-        "corrupt_image": with_row(image=b"\xff\xd8\xff\xe0 truncated jpeg"),
-        # A scan cut to a third, an end marker appended: Pillow makes up the rest of the image.
-        "cut_jpeg": with_row(image=jpeg[: sos + (len(jpeg) - sos) // 3] + b"\xff\xd9"),
-        "mask_size": with_row(mask=encode_mask_png(np.zeros((h + 3, w), np.uint8))),
-        "label_range": with_row(mask=encode_mask_png(out_of_range)),
-    }
+    return good_rows(tmp_path_factory.mktemp("bad"))
 
 
 def test_row_checks_name_shard_and_key(good):
     _, train, _ = good
-    for case, (rows, i) in _row_variants(train).items():
+    for case, (rows, i) in row_variants(train).items():
         r = rows[i]
         with pytest.raises(BadSampleError) as e:
             validate_sample(r["image"], r["mask"], num_classes=NUM_CLASSES,
@@ -131,16 +72,16 @@ def test_row_checks_name_shard_and_key(good):
 def test_structure_checks(tmp_path, good):
     info, train, val = good
     # A shard without its mask column, listed (with a matching checksum) by the manifest.
-    dst = _write(tmp_path / "nomask", info, train, val)
-    _rewrite_shard(dst, "train-00002.parquet", _drop_mask)
+    dst = write_rows(tmp_path / "nomask", info, train, val)
+    rewrite_shard(dst, "train-00002.parquet", drop_mask)
     ds = open_dataset(str(dst))
     with pytest.raises(DatasetError, match=r"split 'train': shard .*train-00002\.parquet: shard has "
                                          r"no column\(s\) 'mask'"):
         check_split(ds, "train", ["key", "image", "labels", "mask"])
     assert check_split(ds, "train", ["key", "image", "labels"]) == (set(), {})  # unlabelled use
     # A key repeated in a second shard (and one repeated across splits).
-    dst = _write(tmp_path / "dup", info, train, val)
-    _rewrite_shard(dst, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
+    dst = write_rows(tmp_path / "dup", info, train, val)
+    rewrite_shard(dst, "train-00003.parquet", lambda t: set_key(t, 1, train[2]["key"]))
     ds = open_dataset(str(dst))
     with pytest.raises(BadSampleError) as e:
         check_split(ds, "train", ["key", "image", "mask"])
@@ -149,16 +90,16 @@ def test_structure_checks(tmp_path, good):
     assert check_split(ds, "val", ["key", "image", "mask"]) == (set(), {})  # val is clean
     # Skip mode leaves out the repeat by its row, so a key repeated in its own shard keeps its
     # first row: shard 3 row 1 (in another shard), then shard 0 row 3 (in the same shard).
-    both = _write(tmp_path / "dup2", info, train, val)
-    _rewrite_shard(both, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
-    _rewrite_shard(both, "train-00000.parquet", lambda t: _set_key(t, 3, train[1]["key"]))
+    both = write_rows(tmp_path / "dup2", info, train, val)
+    rewrite_shard(both, "train-00003.parquet", lambda t: set_key(t, 1, train[2]["key"]))
+    rewrite_shard(both, "train-00000.parquet", lambda t: set_key(t, 3, train[1]["key"]))
     drop, skip_rows = check_split(open_dataset(str(both)), "train", ["key", "image", "mask"],
                                   skip=True)
     assert drop == set() and skip_rows == {str(both / "train-00000.parquet"): {3},
                                            str(both / "train-00003.parquet"): {1}}
     # A training image that is also a validation image: both splits refuse it.
-    _rewrite_shard(dst, "train-00003.parquet", lambda t: _set_key(t, 1, train[13]["key"]))
-    _rewrite_shard(dst, "val-00000.parquet", lambda t: _set_key(t, 0, train[0]["key"]))
+    rewrite_shard(dst, "train-00003.parquet", lambda t: set_key(t, 1, train[13]["key"]))
+    rewrite_shard(dst, "val-00000.parquet", lambda t: set_key(t, 0, train[0]["key"]))
     ds = open_dataset(str(dst))
     for split in ("train", "val"):
         with pytest.raises(BadSampleError, match=r"val-00000\.parquet: duplicate key"):
@@ -167,7 +108,7 @@ def test_structure_checks(tmp_path, good):
 
 def test_empty_split_names_the_split(tmp_path, good):
     info, train, val = good
-    dst = _write(tmp_path / "empty", info, train, val)
+    dst = write_rows(tmp_path / "empty", info, train, val)
     manifest = json.loads((dst / "dataset.json").read_text())
     # A split whose shards hold no row (a zero-row Parquet file with the right checksum).
     sink = io.BytesIO()
@@ -190,17 +131,10 @@ def test_empty_split_names_the_split(tmp_path, good):
     assert not (tmp_path / "w" / "dataset.json").exists()
 
 
-def _flip_a_byte(shard: Path) -> None:
-    """Change a shard in place, keeping its size (the manifest's checksum no longer matches)."""
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
-
-
 def test_changed_shard_fails_every_reader(tmp_path, good):
     info, train, val = good
-    dst = _write(tmp_path / "changed", info, train, val)
-    _flip_a_byte(dst / "train-00001.parquet")  # same size, other bytes
+    dst = write_rows(tmp_path / "changed", info, train, val)
+    flip_a_byte(dst / "train-00001.parquet")  # same size, other bytes
     ds = open_dataset(str(dst))
     with pytest.raises(DatasetError, match=r"shard .*train-00001\.parquet of split 'train' does "
                                          r"not match its manifest"):
@@ -212,15 +146,15 @@ def test_row_count_differs_from_manifest(tmp_path, good):
     """A shard whose footer holds another number of rows than the manifest records (an empty one
     included) is an error naming it, though its size and checksum match."""
     info, train, val = good
-    dst = _write(tmp_path / "rows", info, train, val)
+    dst = write_rows(tmp_path / "rows", info, train, val)
     manifest = json.loads((dst / "dataset.json").read_text())
     manifest["splits"]["val"][0]["rows"] = 6  # the file holds 4
     (dst / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match=r"shard .*val-00000\.parquet of split 'val' holds 4 "
                                          r"rows, the manifest says 6"):
         check_split(open_dataset(str(dst)), "val", ["key", "image", "mask"])
-    empty = _write(tmp_path / "empty-shard", info, train, val)
-    _rewrite_shard(empty, "train-00001.parquet", lambda t: t.slice(0, 0))
+    empty = write_rows(tmp_path / "empty-shard", info, train, val)
+    rewrite_shard(empty, "train-00001.parquet", lambda t: t.slice(0, 0))
     manifest = json.loads((empty / "dataset.json").read_text())
     manifest["splits"]["train"][1]["rows"] = 4  # as before the shard was emptied
     (empty / "dataset.json").write_text(json.dumps(manifest))
@@ -252,9 +186,9 @@ def test_skips_count_rows_not_keys(tmp_path, good):
     """A key three times in one shard is two rows dropped, and counted as two (once each however
     many epochs meet them)."""
     info, train, val = good
-    dst = _write(tmp_path / "thrice", info, train, val)
+    dst = write_rows(tmp_path / "thrice", info, train, val)
     for row in (1, 3):  # shard 1: rows 4..7; its rows 1 and 3 repeat its row 0
-        _rewrite_shard(dst, "train-00001.parquet", lambda t, r=row: _set_key(t, r, train[4]["key"]))
+        rewrite_shard(dst, "train-00001.parquet", lambda t, r=row: set_key(t, r, train[4]["key"]))
     counter = _Tally()
     drop, skip_rows = check_split(open_dataset(str(dst)), "train", ["key", "image", "mask"],
                                   skip=True, counter=counter)
@@ -273,9 +207,9 @@ def test_skip_mode_with_no_usable_row_is_a_dataset_error(tmp_path, good):
     from segray.data.stream import train_dataset
 
     info, train, val = good
-    dst = _write(tmp_path / "all-dup", info, train, val)
+    dst = write_rows(tmp_path / "all-dup", info, train, val)
     keys = pa.array([r["key"] for r in train[:4]], pa.string())
-    _rewrite_shard(dst, "val-00000.parquet", lambda t: t.set_column(0, "key", keys))
+    rewrite_shard(dst, "val-00000.parquet", lambda t: t.set_column(0, "key", keys))
     ds = open_dataset(str(dst))
     with pytest.raises(DatasetError, match=r"split 'val' of .* has no usable row: all 4 rows are "
                                          r"skipped \(data\.on_bad_sample=skip\), e\.g\. "
@@ -306,17 +240,17 @@ def test_evaluation_checks_the_split_as_training_does(tmp_path, good):
     without ``mask`` was blamed on its rows: each is now the training streams' error, naming
     shard (and key), before anything is written."""
     info, train, val = good
-    assert _evaluate(open_dataset(str(_write(tmp_path / "ok", info, train, val))),
+    assert _evaluate(open_dataset(str(write_rows(tmp_path / "ok", info, train, val))),
                      tmp_path / "eval-ok")["images"] == 4
-    dup = _write(tmp_path / "dup", info, train, val)
-    _rewrite_shard(dup, "val-00000.parquet", lambda t: _set_key(t, 3, val[0]["key"]))
+    dup = write_rows(tmp_path / "dup", info, train, val)
+    rewrite_shard(dup, "val-00000.parquet", lambda t: set_key(t, 3, val[0]["key"]))
     with pytest.raises(BadSampleError) as e:
         _evaluate(open_dataset(str(dup)), tmp_path / "eval-dup")
     assert e.value.key == val[0]["key"] and e.value.shard == str(dup / "val-00000.parquet")
     assert "duplicate key" in e.value.reason and not (tmp_path / "eval-dup").exists()
     for column in ("image", "mask"):
-        dst = _write(tmp_path / f"no-{column}", info, train, val)
-        _rewrite_shard(dst, "val-00000.parquet", lambda t, c=column: t.drop_columns([c]))
+        dst = write_rows(tmp_path / f"no-{column}", info, train, val)
+        rewrite_shard(dst, "val-00000.parquet", lambda t, c=column: t.drop_columns([c]))
         with pytest.raises(DatasetError, match=rf"split 'val': shard .*val-00000\.parquet: shard "
                                              rf"has no column\(s\) '{column}'"):
             _evaluate(open_dataset(str(dst)), tmp_path / f"eval-no-{column}")
@@ -336,35 +270,14 @@ def ray_local():
     ray.shutdown()
 
 
-def _mixed(tmp_path: Path, good) -> tuple[Path, set[str], list[str]]:
-    """Every skippable case in one train split.
-
-    Returns:
-        The dataset folder, the keys of the bad rows, and the keys whose second occurrence is a
-        duplicate: one in another shard (shard 2), one in the same shard (shard 1).
-    """
-    info, train, val = good
-    rows = [dict(r) for r in train]
-    variants = _row_variants(train)
-    for j, case in enumerate(("corrupt_image", "mask_size", "label_range")):
-        bad_rows, i = variants[case]
-        rows[4 * j + 1] = dict(bad_rows[i], key=rows[4 * j + 1]["key"])  # shards 0, 1, 2
-    dst = _write(tmp_path, info, rows, val)
-    _rewrite_shard(dst, "train-00003.parquet", _drop_mask)  # shard 3: rows 12..15
-    _rewrite_shard(dst, "train-00002.parquet", lambda t: _set_key(t, 3, rows[0]["key"]))
-    _rewrite_shard(dst, "train-00001.parquet", lambda t: _set_key(t, 2, rows[4]["key"]))
-    bad = {rows[1]["key"], rows[5]["key"], rows[9]["key"], *(r["key"] for r in rows[12:])}
-    return dst, bad, [rows[0]["key"], rows[4]["key"]]
-
-
 @pytest.mark.cluster
 def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
-    from segray.data.stream import SkipCounter, eval_dataset, train_dataset
+    from segray.data import SkipCounter, eval_dataset, train_dataset
 
     info, train, val = good
     crop = (24, 24)
-    for case, (rows, i) in _row_variants(train).items():
-        ds = open_dataset(str(_write(tmp_path / case, info, rows, val)))
+    for case, (rows, i) in row_variants(train).items():
+        ds = open_dataset(str(write_rows(tmp_path / case, info, rows, val)))
         with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
             train_dataset(ds, "train", crop=crop).take_all()
         assert rows[i]["key"] in str(e.value) and "train-00001.parquet" in str(e.value), case
@@ -372,7 +285,7 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
         assert found is not None and found.key == rows[i]["key"], case
         assert found.shard == str(Path(ds.uri) / "train-00001.parquet"), case
 
-    dst, bad, dups = _mixed(tmp_path / "mixed", good)
+    dst, bad, dups = mixed(tmp_path / "mixed", good)
     ds = open_dataset(str(dst))
     with pytest.raises(DatasetError, match="train-00003.parquet: shard has no column"):
         train_dataset(ds, "train", crop=crop)  # structure problems stop before any Ray work
@@ -388,8 +301,8 @@ def test_streams_error_then_skip_and_count(ray_local, tmp_path, good):
     assert "no column(s) 'mask'" in reasons[train[12]["key"]]
     # Evaluation never skips (it takes no on_bad_sample): a bad val row fails the val stream.
     assert len(eval_dataset(ds, "val").take_all()) == 4
-    rows, i = _row_variants(val, row=2)["label_range"]
-    broken = open_dataset(str(_write(tmp_path / "bad-val", info, train, rows)))
+    rows, i = row_variants(val, row=2)["label_range"]
+    broken = open_dataset(str(write_rows(tmp_path / "bad-val", info, train, rows)))
     with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
         eval_dataset(broken, "val").take_all()
     assert f"bad sample '{rows[i]['key']}' in shard" in str(e.value)
@@ -404,10 +317,10 @@ def test_skip_counter_counts_each_row_of_a_repeated_key(ray_local, tmp_path, goo
 
     info, train, val = good
     rows = [dict(r) for r in train]
-    rows[9] = dict(_row_variants(train)["label_range"][0][5], key=rows[9]["key"])
-    dst = _write(tmp_path / "thrice", info, rows, val)
+    rows[9] = dict(row_variants(train)["label_range"][0][5], key=rows[9]["key"])
+    dst = write_rows(tmp_path / "thrice", info, rows, val)
     for row in (1, 3):  # shard 1: rows 4..7; its rows 1 and 3 repeat its row 0
-        _rewrite_shard(dst, "train-00001.parquet", lambda t, r=row: _set_key(t, r, train[4]["key"]))
+        rewrite_shard(dst, "train-00001.parquet", lambda t, r=row: set_key(t, r, train[4]["key"]))
     counter = SkipCounter()
     kept = train_dataset(open_dataset(str(dst)), "train", crop=(24, 24), on_bad_sample="skip",
                          skip_counter=counter, passes=2).take_all()
@@ -425,8 +338,8 @@ def test_a_changed_shard_is_recorded_like_a_bad_row(ray_local, tmp_path, good):
     from segray.report import read_data_error, write_data_error
 
     info, train, val = good
-    dst = _write(tmp_path / "changed", info, train, val)
-    _flip_a_byte(dst / "train-00001.parquet")
+    dst = write_rows(tmp_path / "changed", info, train, val)
+    flip_a_byte(dst / "train-00001.parquet")
     with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
         train_dataset(open_dataset(str(dst)), "train", crop=(24, 24),
                       on_bad_sample="skip").take_all()  # a shard is not a row: never skipped
@@ -439,7 +352,7 @@ def test_a_changed_shard_is_recorded_like_a_bad_row(ray_local, tmp_path, good):
     with pytest.raises(DatasetError, match="does not match its manifest"):
         run_worker({"run_uri": str(tmp_path / "run")})
     # A shard deleted after the stream was built is a bad shard too, not a crash.
-    gone = _write(tmp_path / "gone", info, train, val)
+    gone = write_rows(tmp_path / "gone", info, train, val)
     stream = train_dataset(open_dataset(str(gone)), "train", crop=(24, 24))
     (gone / "train-00002.parquet").unlink()
     with pytest.raises(Exception) as e:  # noqa: B017 - Ray wraps it; the message counts
@@ -457,113 +370,3 @@ def test_worker_fails_fast_on_a_recorded_bad_row(tmp_path):
                                                     "image: cannot decode"))
     with pytest.raises(BadSampleError, match=r"bad sample 'k7' in shard s3://b/d/train-00001"):
         run_worker({"run_uri": str(tmp_path)})
-
-
-# ------------------------------------------------------------------ through jobs/train.py
-
-@pytest.mark.cluster
-def test_train_job_stops_on_bad_data(tmp_path, good):
-    info, train, val = good
-    env = job_env(tmp_path)
-    rows, i = _row_variants(train)["corrupt_image"]
-    dst = _write(tmp_path / "corrupt", info, rows, val)
-    runs, shard = tmp_path / "runs", dst / "train-00001.parquet"
-    args = [*TRAIN, "--data", str(dst), "--name", "r", "--storage", str(runs)]
-    # Met while streaming: recorded, so Ray Train's retry fails at once; an input error, exit 2.
-    proc = run_job("train.py", *args, "--set", "train.max_failures=1", env=env, check=False,
-                   timeout=300)
-    assert proc.returncode == 2, proc.stdout[-3000:]
-    assert (f"error: bad sample '{rows[i]['key']}' in shard {shard}: image: cannot decode"
-            in proc.stdout)
-    assert "--set data.on_bad_sample=skip" in proc.stdout
-    record = json.loads((runs / "r" / "data_error.json").read_text())
-    assert (record["key"], record["shard"]) == (rows[i]["key"], str(shard))
-    # The same run, told to skip: the record is cleared and the run completes.
-    proc = run_job("train.py", *args, "--set", "data.on_bad_sample=skip", env=env, timeout=300)
-    assert "validation mIoU" in proc.stdout and not (runs / "r" / "data_error.json").exists()
-    # In a sweep, the trial that meets the row records it for the sweep: the next trial fails at
-    # once, without a run folder, and the sweep ends as an input error.
-    sweeps = tmp_path / "row-sweeps"
-    proc = run_job("tune.py", "--method", "supervised", "--data", str(dst), "--samples", "2",
-                   "--max-concurrent", "1", "--steps", "4", "--eval-every", "4",
-                   "--batch-size", "4", "--set", "train.max_failures=0", "--metrics-port", "0",
-                   "--name", "swc", "--storage", str(sweeps), env=env, check=False, timeout=600)
-    assert proc.returncode == 2, proc.stdout[-3000:]
-    assert f"error: bad sample '{rows[i]['key']}' in shard {shard}" in proc.stdout
-    assert json.loads((sweeps / "swc" / "data_error.json").read_text())["key"] == rows[i]["key"]
-    trials = [t.name for t in (sweeps / "swc" / "trials").iterdir() if t.is_dir()]
-    assert len(trials) == 1 and (sweeps / "swc" / "trials" / trials[0] / "data_error.json").exists()
-    assert (sweeps / "swc" / "trials.csv").read_text().count(",error,") == 2
-    # The data fixed in place, --resume clears the record and both trials run to the end.
-    _write(dst, info, train, val)
-    proc = run_job("tune.py", "--resume", "--name", "swc", "--storage", str(sweeps),
-                   "--metrics-port", "0", env=env, timeout=600)
-    assert "best trial" in proc.stdout and not (sweeps / "swc" / "data_error.json").exists()
-    table = (sweeps / "swc" / "trials.csv").read_text()
-    assert table.count(",finished,") == 2 and ",error," not in table, table
-    assert not list((sweeps / "swc" / "trials").glob("*/data_error.json"))
-
-    dup = _write(tmp_path / "dup", info, train, val)
-    _rewrite_shard(dup, "train-00003.parquet", lambda t: _set_key(t, 1, train[2]["key"]))
-    proc = run_job("train.py", *TRAIN, "--data", str(dup), env=env, check=False, timeout=300)
-    # Found while building the streams, before any worker starts: an input error, not a crash.
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    assert f"error: bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" \
-        in proc.stdout
-    assert "or set data.on_bad_sample=skip to skip and count such rows" in proc.stdout
-    # A sweep checks the dataset once, in its driver: no trial starts and no sweep is recorded.
-    proc = run_job("tune.py", "--method", "supervised", "--data", str(dup), "--samples", "2",
-                   "--steps", "4", "--eval-every", "4", "--metrics-port", "0", "--name", "sw",
-                   "--storage", str(tmp_path / "sweeps"), env=env, check=False, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    assert f"error: bad sample '{train[2]['key']}' in shard {dup / 'train-00003.parquet'}" \
-        in proc.stdout
-    assert not (tmp_path / "sweeps" / "sw" / "sweep.yaml").exists()
-    assert not list((tmp_path / "sweeps").rglob("trial_*"))
-
-    changed = _write(tmp_path / "changed", info, train, val)
-    _flip_a_byte(changed / "train-00001.parquet")
-    proc = run_job("train.py", *TRAIN, "--data", str(changed), "--name", "c", "--storage",
-                   str(runs), "--set", "train.max_failures=1", env=env, check=False, timeout=300)
-    assert proc.returncode == 2, proc.stdout[-3000:]
-    assert (f"error: shard {changed / 'train-00001.parquet'} of split 'train' does not match its "
-            "manifest" in proc.stdout)
-    assert "re-create the dataset and re-run the same command to resume" in proc.stdout
-
-    empty = _write(tmp_path / "empty", info, train, val)
-    manifest = json.loads((empty / "dataset.json").read_text())
-    manifest["splits"]["val"][0]["rows"] = 0
-    (empty / "dataset.json").write_text(json.dumps(manifest))
-    proc = run_job("train.py", *TRAIN, "--data", str(empty), env=env, check=False, timeout=300)
-    assert proc.returncode == 2 and "split 'val' is empty" in proc.stdout
-    assert "Traceback" not in proc.stdout
-
-
-@pytest.mark.cluster
-def test_train_job_skips_and_counts(tmp_path, good):
-    dst, bad, _ = _mixed(tmp_path / "mixed", good)
-    runs = tmp_path / "runs"
-    proc = run_job("train.py", *TRAIN, "--data", str(dst), "--set", "data.on_bad_sample=skip",
-                   "--name", "skip", "--storage", str(runs), env=job_env(tmp_path), timeout=300)
-    assert "validation mIoU" in proc.stdout
-    run = runs / "skip"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["bad_samples_skipped"] == len(bad) + 2  # + the two duplicates
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["data/bad_samples_skipped"] for h in history if "val/mIoU" in h] == [len(bad) + 2]
-
-    # Evaluation never skips: each bad val row stops jobs/evaluate.py (exit 2), naming shard and
-    # key, before anything is written.
-    info, train, val = good
-    checkpoint = next(run.glob("step_*"))
-    variants = _row_variants(val, row=1)
-    for case in ("corrupt_image", "label_range"):  # once a traceback, once silently evaluated
-        rows, i = variants[case]
-        data = _write(tmp_path / f"val-{case}", info, train, rows)
-        out = tmp_path / f"eval-{case}"
-        proc = run_job("evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data),
-                       "--out", str(out), env=job_env(tmp_path), check=False, timeout=300)
-        assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
-        assert (f"error: bad sample '{rows[i]['key']}' in shard {data / 'val-00000.parquet'}"
-                in proc.stdout), case
-        assert not out.exists(), case

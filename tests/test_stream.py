@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from segray.data.decode import BadSampleError, decode_image
+from segray.data.eval_stream import eval_dataset, eval_rows
 from segray.data.manifest import open_dataset
 from segray.data.shards import DatasetWriter
 from segray.data.stream import (
     SkipCounter,
     batch_rows,
     eval_collate,
-    eval_dataset,
-    eval_rows,
     iter_rows,
     read_split,
     train_collate,

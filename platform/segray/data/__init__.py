@@ -74,6 +74,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("eval_dataset", "eval_rows"):
+        from segray.data import eval_stream
+
+        return getattr(eval_stream, name)
     if name in _STREAM_NAMES:
         from segray.data import stream
 
