@@ -118,9 +118,23 @@ def test_train_job_skips_and_counts(tmp_path, good):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["data/bad_samples_skipped"] for h in history if "val/mIoU" in h] == [len(bad) + 2]
 
+    # Nothing left to train on once every bad row is skipped: an input error naming the first
+    # skipped row (recorded, so Ray Train's retry fails at once), not a crash.
+    info, train, val = good
+    broken = [dict(r, image=b"\xff\xd8\xff\xe0 truncated jpeg") for r in train]
+    dst_all = write_rows(tmp_path / "all-bad", info, broken, val)
+    proc = run_job("train.py", *TRAIN, "--data", str(dst_all), "--set", "data.on_bad_sample=skip",
+                   "--name", "all-bad", "--storage", str(runs), env=job_env(tmp_path),
+                   check=False, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert (f"error: the 'train' stream yielded no batch for this worker: {len(train)} bad rows "
+            "were skipped") in proc.stdout
+    assert "fix or remove the bad rows (re-create the dataset) and re-run" in proc.stdout
+    assert json.loads((runs / "all-bad" / "data_error.json").read_text())["fix"].startswith(
+        "fix or remove the bad rows")
+
     # Evaluation never skips: each bad val row stops jobs/evaluate.py (exit 2), naming shard and
     # key, before anything is written.
-    info, train, val = good
     checkpoint = next(run.glob("step_*"))
     variants = row_variants(val, row=1)
     for case in ("corrupt_image", "label_range"):  # once a traceback, once silently evaluated

@@ -4,6 +4,7 @@ gradient averaging, learning-rate schedules."""
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 
 from methods import get_method
 from segray.config import OptimConfig, parse_overrides, resolve
+from segray.data import DatasetError
 from segray.data.synthetic import render_scene
 from segray.engine import StepRunner, average_gradients, build_method, endless, to_floats
 from segray.optim import lr_factor
@@ -98,8 +100,24 @@ def test_missing_loss_entry_is_a_clear_error():
 def test_endless_restarts_epochs_and_rejects_empty_streams():
     it = endless(lambda: iter([1, 2]), "train")
     assert [next(it) for _ in range(5)] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
-    with pytest.raises(ValueError, match="'train' stream yielded no batch"):
-        next(endless(lambda: iter([]), "train"))
+    with pytest.raises(DatasetError, match=r"'train' stream yielded no batch .*\(2 x 8\)") as e:
+        next(endless(lambda: iter([]), "train", batch=(2, 8)))
+    assert e.value.fix == "lower data.batch_size"
+
+    class Skipped:  # what endless reads of a SkipCounter (an actor behind it)
+        total = 3
+
+        def records(self):
+            return [{"shard": "s3://b/d/train-00000.parquet", "key": "a", "row": 0,
+                     "reason": "image: cannot decode"}]
+
+    with pytest.raises(DatasetError, match=r"3 bad rows were skipped .* key 'a' in shard "
+                                           r"s3://b/d/train-00000.parquet: image: cannot") as e:
+        next(endless(lambda: iter([]), "train", Skipped()))
+    # The fix survives the pickling Ray does to a worker's exception.
+    again = pickle.loads(pickle.dumps(e.value))
+    assert type(again) is DatasetError and str(again) == str(e.value)
+    assert again.fix == "fix or remove the bad rows (re-create the dataset)"
 
 
 def test_poly_schedule_with_warmup_matches_mmcv():

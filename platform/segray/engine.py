@@ -194,17 +194,42 @@ def to_floats(logs: dict[str, torch.Tensor | float], step: int) -> dict[str, flo
     return out
 
 
-def endless(make_iter: Any, name: str) -> Iterator[tuple[int, Any]]:
-    """Yield ``(epoch, batch)`` forever by re-creating an epoch iterator; errors on an empty stream."""
+def endless(make_iter: Any, name: str, skips: Any = None,
+            batch: tuple[int, int] | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(epoch, batch)`` forever by re-creating an epoch iterator.
+
+    Args:
+        make_iter: returns one epoch's iterator.
+        name: the stream's name, for errors.
+        skips: the run's :class:`~segray.data.SkipCounter` under ``data.on_bad_sample=skip``.
+        batch: ``(workers, per-worker batch size)``, for errors.
+
+    Raises:
+        DatasetError: an epoch yielded no batch: the rows left after skipping bad ones (named
+            with the first of them) or the split's rows are too few for one batch per worker.
+    """
+    from segray.data import DatasetError
+
     epoch = 0
     while True:
         n = 0
-        for batch in make_iter():
+        for item in make_iter():
             n += 1
-            yield epoch, batch
+            yield epoch, item
         if n == 0:
-            raise ValueError(f"the '{name}' stream yielded no batch for this worker: the split has "
-                             "fewer rows than workers x per-worker batch size; lower data.batch_size")
+            need = f" ({batch[0]} x {batch[1]})" if batch else ""
+            skipped = skips.total if skips is not None else 0
+            if skipped:
+                first = skips.records()[0]
+                raise DatasetError(
+                    f"the '{name}' stream yielded no batch for this worker: {skipped} bad rows "
+                    f"were skipped (data.on_bad_sample=skip; the first: key {first['key']!r} "
+                    f"in shard {first['shard']}: {first['reason']}) and too few are left for "
+                    f"one batch per worker{need}",
+                    fix="fix or remove the bad rows (re-create the dataset)")
+            raise DatasetError(
+                f"the '{name}' stream yielded no batch for this worker: its split has fewer "
+                f"rows than workers x per-worker batch size{need}", fix="lower data.batch_size")
         epoch += 1
 
 

@@ -38,7 +38,8 @@ def write_data_error(run_uri: str, error: BadSampleError | DatasetError) -> None
     """Record the bad data a worker met while streaming (``data_error.json``): a bad row (shard,
     key, reason) or a bad shard (the :class:`DatasetError`'s message, which names it)."""
     record = ({"shard": error.shard, "key": error.key, "reason": error.reason}
-              if isinstance(error, BadSampleError) else {"dataset_error": str(error)})
+              if isinstance(error, BadSampleError)
+              else {"dataset_error": str(error), "fix": getattr(error, "fix", None)})
     storage.write_text(storage.join(run_uri, DATA_ERROR_FILE), json.dumps(record) + "\n")
 
 
@@ -49,7 +50,7 @@ def read_data_error(run_uri: str) -> BadSampleError | DatasetError | None:
     except FileNotFoundError:
         return None
     if "dataset_error" in record:
-        return DatasetError(record["dataset_error"])
+        return DatasetError(record["dataset_error"], fix=record.get("fix"))
     return BadSampleError(record["shard"], record["key"], record["reason"])
 
 
@@ -59,12 +60,12 @@ def data_error_advice(error: BadSampleError | DatasetError, resume: str,
     ``skip`` how to skip such rows instead.
 
     A bad row can be skipped; a shard that differs from its manifest cannot, so its dataset must
-    be re-created.
+    be re-created, unless the error names another fix.
     """
     if isinstance(error, BadSampleError):
         return (f"fix the row (re-create the dataset) and {resume}, or {skip} to skip and count "
                 "such rows")
-    return f"re-create the dataset and {resume}"
+    return f"{getattr(error, 'fix', None) or 're-create the dataset'} and {resume}"
 
 
 def clear_data_error(run_uri: str) -> None:

@@ -94,7 +94,7 @@ def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     seed_everything(cfg.seed + 1009 * rank + runner.step_count)
 
     per_worker = cfg.data.batch_size // world
-    streams = _streams(method, cfg, per_worker, device)
+    streams = _streams(method, cfg, per_worker, device, loop_config.get("skips"))
     telemetry = WorkerTelemetry(cfg.method, cfg.name)
     total = cfg.train.steps
     eval_every = cfg.train.eval_every or total
@@ -164,14 +164,16 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _streams(method: Any, cfg: Config, per_worker: int, device: torch.device) -> dict[str, Any]:
+def _streams(method: Any, cfg: Config, per_worker: int, device: torch.device,
+             skips: Any) -> dict[str, Any]:
     def iterator(name: str):
         shard = ray.train.get_dataset_shard(name)
         return endless(lambda: shard.iter_torch_batches(
             batch_size=per_worker, collate_fn=train_collate, drop_last=True,
             prefetch_batches=cfg.data.prefetch_batches, device=device,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + ray.train.get_context().get_world_rank()), name)
+            local_shuffle_seed=cfg.seed + ray.train.get_context().get_world_rank()), name,
+            skips, (ray.train.get_context().get_world_size(), per_worker))
 
     streams = {"labeled": iterator("train")}
     if "unlabeled" in method.streams:

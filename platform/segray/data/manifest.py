@@ -33,7 +33,24 @@ class DatasetError(ValueError):
 
     The message names the manifest, split or shard and says how to fix it. Jobs report it as an
     input error (exit code 2), not as a crash.
+
+    Args:
+        message: what is wrong, naming the manifest, split or shard.
+        fix: what the user should change, when it is not re-creating the dataset (jobs say it
+            after the message).
     """
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+    def __reduce__(self) -> tuple:
+        # Ray pickles a worker's exception; the default reduce would drop ``fix``.
+        return _dataset_error, (type(self), str(self), self.fix)
+
+
+def _dataset_error(cls: type[DatasetError], message: str, fix: str | None) -> DatasetError:
+    return cls(message, fix=fix)
 
 
 _PREPARE_HINT = "create one with `python jobs/prepare_data.py synthetic <dst>` (or `folder <src> <dst>`)"
