@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                    metavar=("LONG", "SHORT"))
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most N images (0: all)")
     p.add_argument("--images", type=int, default=8, help="overlays to save (0: none)")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval-<split>)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/eval/<step>-<split>, beside the checkpoints)")
     args = p.parse_args(argv)
     for flag in ("max_images", "images"):
         if getattr(args, flag) < 0:
@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         fail_usage("\n  - ".join([f"{len(problems)} problem(s) with the evaluation settings:",
                                    *problems]))
-    out = args.out or storage.join(args.checkpoint, f"eval-{args.split}")
+    # Beside the run's checkpoints, not in one: Ray prunes checkpoint folders whole.
+    checkpoint = args.checkpoint.rstrip("/")
+    run, _, step = checkpoint.rpartition("/")
+    out = args.out or storage.join(run or ".", "eval", f"{step}-{args.split}")
     try:
         summary = run_evaluation(method, model, cfg, info, args.split, out,
                                  max_images=args.max_images, keep=args.images)

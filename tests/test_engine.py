@@ -97,6 +97,43 @@ def test_missing_loss_entry_is_a_clear_error():
         runner.step(_batch(0, n=2))
 
 
+def test_resume_applies_the_new_optimizer_settings_to_the_saved_state():
+    """A resume may change lr and weight decay (check_resume allows it): the new values apply,
+    at the schedule's factor for the restored step, on the restored Adam moments."""
+    torch.manual_seed(0)
+    cfg = _config("supervised", "optim.weight_decay=0.01")
+    method = build_method(cfg, _Info)
+    runner = StepRunner(method, method.build(), cfg, resolve_runtime(torch.device("cpu")), 255)
+    for i in range(3):
+        runner.step(_batch(i, n=2))
+    state = runner.state_dict()
+
+    cfg2 = _config("supervised", "optim.lr=0.03", "optim.weight_decay=0.05")
+    method2 = build_method(cfg2, _Info)
+    resumed = StepRunner(method2, method2.build(), cfg2, resolve_runtime(torch.device("cpu")), 255)
+    resumed.load_state_dict(state)
+    factor = lr_factor(3, 40, cfg2.optim)
+    decayed = resumed.optimizer.param_groups[0]
+    assert decayed["lr"] == pytest.approx(0.03 * factor) and decayed["weight_decay"] == 0.05
+    assert resumed.scheduler.get_last_lr()[0] == pytest.approx(0.03 * factor)
+    assert resumed.step_count == 3
+    saved = state["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"], saved)
+    resumed.step(_batch(9, n=2))  # the schedule goes on from there with the new base lr
+    assert decayed["lr"] == pytest.approx(0.03 * lr_factor(4, 40, cfg2.optim))
+
+
+def test_nonfinite_weights_are_named():
+    cfg = _config("supervised")
+    method = build_method(cfg, _Info)
+    runner = StepRunner(method, method.build(), cfg, resolve_runtime(torch.device("cpu")), 255)
+    assert runner.nonfinite_tensors() == []
+    name, param = next(iter(runner.model.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    assert runner.nonfinite_tensors() == [name]
+
+
 def test_endless_restarts_epochs_and_rejects_empty_streams():
     it = endless(lambda: iter([1, 2]), "train")
     assert [next(it) for _ in range(5)] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]

@@ -92,11 +92,13 @@ def test_train_then_evaluate(tmp_path, small_dataset):
     assert '"mIoU"' in ev.stdout
     # Again into the same folder, capped and with no overlays: the old overlays go with the old
     # metrics, so nothing in the folder describes another evaluation.
-    run_job("evaluate.py", "--checkpoint", str(run / "step_0000020"), "--out",
-            str(tmp_path / "eval"), "--max-images", "5", "--images", "0", "--no-tta", env=env)
-    capped = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # Without --out the results go beside the run's checkpoints (Ray prunes those whole).
+    capped_run = run_job("evaluate.py", "--checkpoint", str(run / "step_0000020") + "/",
+                         "--max-images", "5", "--images", "0", "--no-tta", env=env)
+    assert f"results: {run / 'eval' / 'step_0000020-val'}" in capped_run.stdout
+    capped = json.loads((run / "eval" / "step_0000020-val" / "metrics.json").read_text())
     assert capped["images"] == 5 and capped["eval"]["tta"] is False
-    assert not (tmp_path / "eval" / "overlays.png").exists()
+    assert not (run / "eval" / "step_0000020-val" / "overlays.png").exists()
     bad = run_job("evaluate.py", "--checkpoint", str(run / "step_0000020"), "--images", "-1",
                   env=env, check=False)
     assert bad.returncode == 2 and "--images must be >= 0" in bad.stdout

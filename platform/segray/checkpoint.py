@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,23 @@ def checkpoint_name(step: int) -> str:
 
 
 def write_local(state: dict[str, Any], meta: dict[str, Any]) -> str:
-    """Write a checkpoint into a fresh temporary folder and return its path."""
+    """Write a checkpoint into a fresh temporary folder and return its path.
+
+    A failed write (a full disk) removes the folder: retries must not pile up copies.
+    """
     folder = tempfile.mkdtemp(prefix="segray-ckpt-")
-    tmp = Path(folder, STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, Path(folder, STATE_FILE))
-    data = Path(folder, STATE_FILE).read_bytes()
-    # The folder is copied to storage file by file; the recorded size and digest let every reader
-    # refuse a copy that is still in flight or was cut short.
-    meta = {**meta, "state_bytes": len(data), "state_sha256": storage.sha256(data)}
-    Path(folder, META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    try:
+        tmp = Path(folder, STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, Path(folder, STATE_FILE))
+        data = Path(folder, STATE_FILE).read_bytes()
+        # The folder is copied to storage file by file; the recorded size and digest let every
+        # reader refuse a copy that is still in flight or was cut short.
+        meta = {**meta, "state_bytes": len(data), "state_sha256": storage.sha256(data)}
+        Path(folder, META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
@@ -100,3 +108,11 @@ def latest_checkpoint(run_uri: str) -> str | None:
         if is_complete(folder):
             return folder
     return None
+
+
+def latest_step(run_uri: str) -> int:
+    """The step of a run's newest complete checkpoint; 0 when it has none (or no folder)."""
+    if not storage.exists(run_uri):
+        return 0
+    latest = latest_checkpoint(run_uri)
+    return int(latest.rstrip("/").rsplit("/", 1)[-1][len("step_"):]) if latest else 0

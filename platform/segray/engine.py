@@ -175,10 +175,35 @@ class StepRunner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; this config's optimizer settings win over the saved ones.
+
+        The saved optimizer and scheduler state carry the learning rate, weight decay, betas or
+        momentum the run was started with. A resume that changes them (which
+        :func:`segray.launch.check_resume` allows) gets them applied, on the restored moments and
+        step count, with the schedule's factor at that step.
+        """
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+        for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(settings)
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        lrs = [base * factor(self.scheduler.last_epoch) for base, factor in
+               zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of the model's parameters and buffers holding NaN or infinite values."""
+        tensors = [*self.model.named_parameters(), *self.model.named_buffers()]
+        floats = [(n, t) for n, t in tensors if t.is_floating_point()]
+        if not floats:
+            return []
+        finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()  # one sync
+        return [n for (n, _), ok in zip(floats, finite.tolist()) if not ok]
 
 
 def to_floats(logs: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:

@@ -28,8 +28,21 @@ def default_storage() -> str:
 
 
 def default_name(cfg: Config) -> str:
-    """A new run name: ``<method>-<preset>-<UTC timestamp>``."""
-    return f"{cfg.method}-{cfg.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    """A new run name: ``<method>-<preset>-<UTC timestamp>-<4 random hex digits>`` (runs started
+    in the same second, e.g. by a shell loop over seeds, must not share a folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{cfg.method}-{cfg.preset or 'custom'}-{stamp}-{os.urandom(2).hex()}"
+
+
+def data_seed(seed: int, resume_step: int) -> int:
+    """The seed of a run's training streams: ``seed`` for a fresh run; mixed with the step a
+    resumed run starts from, so it draws new crops and shard orders instead of replaying those
+    of the run's first steps."""
+    if not resume_step:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, resume_step]).generate_state(1)[0])
 
 
 def resolve_data(cfg: Config) -> Any:
@@ -106,7 +119,8 @@ def passes_per_execution(info: Any, split: str, cfg: Config) -> int:
     return min(MAX_PASSES, max(1, -(-wanted // rows)))
 
 
-def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]:
+def stream_datasets(cfg: Config, info: Any, skips: Any = None,
+                    resume_step: int = 0) -> dict[str, Any]:
     """The run's Ray Data streams: ``train``, ``val`` and, for methods that read it, ``unlabeled``.
 
     Building them checks every shard of those splits (columns, unique keys) without decoding.
@@ -115,6 +129,7 @@ def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]
         cfg: the run's config.
         info: its dataset.
         skips: where rows skipped under ``data.on_bad_sample=skip`` are counted.
+        resume_step: the step a resumed run starts from (see :func:`data_seed`).
 
     Raises:
         UsageError: the method needs a split the dataset lacks, or a split, shard or key of the
@@ -124,7 +139,8 @@ def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]
     from segray.data import BadSampleError, DatasetError, eval_dataset, train_dataset
 
     d = cfg.data
-    common = dict(crop=tuple(d.crop_size), scale_range=tuple(d.scale_range), seed=cfg.seed,
+    common = dict(crop=tuple(d.crop_size), scale_range=tuple(d.scale_range),
+                  seed=data_seed(cfg.seed, resume_step),
                   on_bad_sample=d.on_bad_sample, cat_max_ratio=d.cat_max_ratio, skip_counter=skips,
                   base_scale=tuple(d.base_scale) if d.base_scale else None,
                   resize=tuple(d.resize) if d.resize else None, resample=d.resample,
@@ -151,7 +167,8 @@ def stream_datasets(cfg: Config, info: Any, skips: Any = None) -> dict[str, Any]
     return datasets
 
 
-def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None) -> Any:
+def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None = None,
+                  resume_step: int = 0) -> Any:
     """Build the ``TorchTrainer`` of a run (datasets, scaling, failure and checkpoint policies).
 
     Raises:
@@ -166,7 +183,7 @@ def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None 
 
     # Rows dropped by on_bad_sample=skip are counted across all decode workers and reported.
     skips = SkipCounter() if cfg.data.on_bad_sample == "skip" else None
-    datasets = stream_datasets(cfg, info, skips)
+    datasets = stream_datasets(cfg, info, skips, resume_step)
     fs, root = storage.filesystem(run_root)
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker}
@@ -184,7 +201,10 @@ def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None 
             name=cfg.name, storage_path=root,
             storage_filesystem=fs if storage.is_s3(run_root) else None,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            # Pruning keeps the best validation mIoU (and Ray always keeps the latest).
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None,
+                                               checkpoint_score_attribute="val/mIoU",
+                                               checkpoint_score_order="max"),
             callbacks=callbacks or None,
         ),
         datasets=datasets,
@@ -225,8 +245,11 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
     report.clear_data_error(run_uri)  # this attempt may read fixed data, or skip bad rows
+    from segray.checkpoint import latest_step
+
     init_ray(local_cpus(cfg))
-    trainer = build_trainer(cfg, info, run_root, callbacks)
+    trainer = build_trainer(cfg, info, run_root, callbacks,
+                            resume_step=latest_step(run_uri) if resumed else 0)
     try:
         result = trainer.fit()
     except Exception:
@@ -311,6 +334,18 @@ def check_resume(cfg: Config, run_uri: str) -> list[str] | None:
             f"run folder {run_uri} holds a run whose checkpoints do not fit this config ({diff}); "
             f"pick a new --name to start a fresh run, or re-run with the settings of "
             f"{storage.join(run_uri, report.CONFIG_FILE)} to resume it")
+    from segray.checkpoint import latest_step
+
+    last = latest_step(run_uri)
+    if cfg.train.steps < last:
+        raise UsageError(
+            f"run folder {run_uri} has a checkpoint at step {last}: train.steps "
+            f"{cfg.train.steps} may not go below it; pick a new --name for a shorter run")
+    if changed and report.finished(run_uri, before.get("train.steps")) and cfg.train.steps <= last:
+        raise UsageError(
+            f"run {run_uri} has finished, and re-running it with changed settings "
+            f"({', '.join(changed)}) would only return its summary: raise train.steps to extend "
+            "it, or pick a new --name for a new run")
     return changed
 
 

@@ -73,6 +73,29 @@ def clear_data_error(run_uri: str) -> None:
     storage.delete(storage.join(run_uri, DATA_ERROR_FILE))
 
 
+def _best(history: list[dict[str, Any]], run_uri: str) -> dict[str, Any] | None:
+    """The evaluation with the highest mIoU: its step, mIoU and checkpoint (which checkpoint
+    pruning keeps, see :func:`segray.launch.build_trainer`)."""
+    evals = [h for h in history if isinstance(h.get("val/mIoU"), float)
+             and not math.isnan(h["val/mIoU"])]
+    if not evals:
+        return None
+    from segray.checkpoint import checkpoint_name
+
+    best = max(evals, key=lambda h: h["val/mIoU"])  # the earliest of equals
+    return {"step": best["step"], "mIoU": best["val/mIoU"],
+            "checkpoint": storage.join(run_uri, checkpoint_name(best["step"]))}
+
+
+def finished(run_uri: str, steps: Any) -> bool:
+    """Whether the run's ``summary.json`` is that of a run of ``steps`` steps (a run extended
+    since, and not yet through, has only the summary of its shorter self)."""
+    try:
+        return read_summary(run_uri).get("steps") == steps
+    except FileNotFoundError:
+        return False
+
+
 def read_summary(run_uri: str) -> dict[str, Any]:
     """Read a finished run's ``summary.json``."""
     return json.loads(storage.read_text(storage.join(run_uri, SUMMARY_FILE)))
@@ -187,6 +210,7 @@ def finalize(
         "dataset": info.uri,
         "steps": history[-1]["step"] if history else 0,
         "checkpoint": checkpoint,
+        "best": _best(history, run_uri),
         "val": {k[4:]: v for k, v in metrics.items() if k.startswith("val/") and k != "val/IoU"},
         "val_per_class_IoU": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                               for k, v in per_class.items()},

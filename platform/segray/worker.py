@@ -26,6 +26,7 @@ from segray.config import Config
 from segray.data import BadSampleError, DatasetError, eval_rows, train_collate
 from segray.engine import StepRunner, endless, save_checkpoint, setup_worker, to_floats
 from segray.evaluation import evaluate
+from segray.launch import data_seed
 from segray.runtime import cpu_threads, seed_everything
 from segray.telemetry import WorkerTelemetry
 
@@ -94,7 +95,8 @@ def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     seed_everything(cfg.seed + 1009 * rank + runner.step_count)
 
     per_worker = cfg.data.batch_size // world
-    streams = _streams(method, cfg, per_worker, device, loop_config.get("skips"))
+    streams = _streams(method, cfg, per_worker, device, loop_config.get("skips"),
+                       data_seed(cfg.seed, runner.step_count))
     telemetry = WorkerTelemetry(cfg.method, cfg.name)
     total = cfg.train.steps
     eval_every = cfg.train.eval_every or total
@@ -126,36 +128,36 @@ def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             summary = _eval_and_report(loop_config, method, runner, history, telemetry)
             # Throughput is measured between evaluations: the window restarts after one.
             window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
-    if summary is None and _finished(run_uri):  # the same decision on every rank (shared storage)
+    if summary is None and report.finished(run_uri, total):  # the same on every rank (shared storage)
         summary = report.read_summary(run_uri) if rank == 0 else None
     elif summary is None:
-        # Resumed from the final checkpoint (the run died while reporting): finish the report.
-        summary = _eval_and_report(loop_config, method, runner, history, telemetry)
+        # Resumed from the final checkpoint (the run died after saving it, before its summary):
+        # evaluate and finish the report; the checkpoint is stored already, never saved again.
+        summary = _eval_and_report(loop_config, method, runner, history, telemetry, save=False)
     if loop_config.get("flush_metrics"):
         telemetry.flush()  # Train kills workers on return; let the last values reach Prometheus
     return summary
 
 
-def _finished(run_uri: str) -> bool:
-    return storage.exists(storage.join(run_uri, report.SUMMARY_FILE))
-
-
 def _eval_and_report(loop_config: dict[str, Any], method: Any, runner: StepRunner,
-                     history: list[dict], telemetry: WorkerTelemetry) -> dict[str, Any] | None:
-    """Evaluate, checkpoint and report at the current step (the final report at the last step)."""
+                     history: list[dict], telemetry: WorkerTelemetry,
+                     save: bool = True) -> dict[str, Any] | None:
+    """Evaluate, checkpoint (unless ``save`` is false: the step's checkpoint is stored already)
+    and report at the current step; at the last step also the run's summary."""
     cfg, info, run_uri = loop_config["config"], loop_config["info"], loop_config["run_uri"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     step = runner.step_count
-    final = step == cfg.train.steps
+    final = step >= cfg.train.steps
     result = _evaluate(method, runner, cfg, info, rank, world, keep=final)
     metrics = result.summary()
     if loop_config.get("skips") is not None:
         metrics["data/bad_samples_skipped"] = loop_config["skips"].total
     entry = {"step": step, **{k: v for k, v in metrics.items() if k != "val/IoU"}}
+    history[:] = [h for h in history if not (h.get("step") == step and "val/mIoU" in h)]
     history.append(entry)
     telemetry.evaluation(entry)
-    return _report(cfg, info, run_uri, runner, history, metrics, result, rank, final)
+    return _report(cfg, info, run_uri, runner, history, metrics, result, rank, final, save)
 
 
 def _say(line: str) -> None:
@@ -165,14 +167,14 @@ def _say(line: str) -> None:
 
 
 def _streams(method: Any, cfg: Config, per_worker: int, device: torch.device,
-             skips: Any) -> dict[str, Any]:
+             skips: Any, seed: int) -> dict[str, Any]:
     def iterator(name: str):
         shard = ray.train.get_dataset_shard(name)
         return endless(lambda: shard.iter_torch_batches(
             batch_size=per_worker, collate_fn=train_collate, drop_last=True,
             prefetch_batches=cfg.data.prefetch_batches, device=device,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + ray.train.get_context().get_world_rank()), name,
+            local_shuffle_seed=seed + ray.train.get_context().get_world_rank()), name,
             skips, (ray.train.get_context().get_world_size(), per_worker))
 
     streams = {"labeled": iterator("train")}
@@ -243,26 +245,40 @@ def _evaluate(method: Any, runner: StepRunner, cfg: Config, info: Any, rank: int
 
 
 def _report(cfg: Config, info: Any, run_uri: str, runner: StepRunner, history: list[dict],
-            metrics: dict[str, Any], result: Any, rank: int, final: bool) -> dict[str, Any] | None:
+            metrics: dict[str, Any], result: Any, rank: int, final: bool,
+            save: bool) -> dict[str, Any] | None:
+    """Report the step's metrics (and checkpoint) to Ray Train; on rank 0 also the history and,
+    at the end, the summary, written once the final checkpoint is stored.
+
+    Raises:
+        FloatingPointError: the weights hold NaN or infinite values; nothing is saved, so the
+            run's latest checkpoint stays one to resume from.
+    """
     step = runner.step_count
-    summary = None
-    checkpoint = None
-    folder = None
+    bad = runner.nonfinite_tensors()
+    if bad:
+        raise FloatingPointError(
+            f"the model's weights became NaN or infinite by step {step} ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); step {step} is not checkpointed, so the run "
+            "resumes from its last good checkpoint; lower optim.lr or set optim.grad_clip")
     if rank == 0:
         _say(f"[segray] eval @ step {step}: mIoU {metrics['val/mIoU']:.2f} "
-              f"(majority-class baseline {metrics['val/majority_mIoU']:.2f})")
+             f"(majority-class baseline {metrics['val/majority_mIoU']:.2f})")
         report.write_history(run_uri, history)
-        folder = save_checkpoint(runner, cfg, history)
-        checkpoint = ray.train.Checkpoint.from_directory(folder)
-        if final:
-            summary = report.finalize(cfg, info, run_uri, history, metrics, result,
-                                      checkpoint=storage.join(run_uri, checkpoint_name(step)))
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-    ray.train.report({"step": step, **scalars}, checkpoint=checkpoint,
-                     checkpoint_dir_name=checkpoint_name(step))
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-    return summary
+    folder = save_checkpoint(runner, cfg, history) if rank == 0 and save else None
+    try:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        # Returns once the checkpoint is stored (Ray copies it synchronously).
+        ray.train.report({"step": step, **scalars}, checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_name(step))
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if rank == 0 and final:
+        return report.finalize(cfg, info, run_uri, history, metrics, result,
+                               checkpoint=storage.join(run_uri, checkpoint_name(step)))
+    return None
 
 
 __all__ = ["run_worker"]
