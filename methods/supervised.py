@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
@@ -23,10 +24,21 @@ class SupervisedKnobs:
     """Knobs of the baseline.
 
     Attributes:
-        label_smoothing: cross-entropy label smoothing (0 = off, as in MMSegmentation).
+        label_smoothing: cross-entropy label smoothing in [0, 1] (0 = off, as in MMSegmentation).
+
+    Raises:
+        ValueError: on a value outside its range, at construction, so
+            :func:`segray.config.resolve` refuses it before a run starts.
     """
 
     label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        v = self.label_smoothing
+        # The range F.cross_entropy accepts; checked here, not first in the training workers.
+        if not (isinstance(v, Real) and not isinstance(v, bool) and 0.0 <= v <= 1.0):
+            raise ValueError(f"invalid supervised knobs: label_smoothing must be in [0, 1] "
+                             f"(0 = off), got {v!r}")
 
 
 class Supervised:

@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -71,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import MethodContext
-from methods.masksup.holes import HOLE_KINDS, mask_images, random_holes, resolve_ratio_range
+from methods.masksup.holes import HOLE_KINDS, mask_images, random_holes
 from methods.masksup.losses import CONSISTENCY, STOP_GRADIENT, masksup_loss, supervised_loss
 from methods.masksup.metrics import PaperMetric
 from methods.masksup.models import ARCHS, LeViTUNet384, build_model
@@ -81,7 +82,13 @@ TRAINERS = ("cb_ts", "cb", "base")
 
 @dataclass
 class MaskSupKnobs:
-    """MaskSup's knobs with the paper's defaults (see the module docstring)."""
+    """MaskSup's knobs with the paper's defaults (see the module docstring).
+
+    Raises:
+        ValueError: listing every knob outside its allowed values, at construction, so
+            :func:`segray.config.resolve` refuses a bad value before a run starts. Checks that
+            need the dataset or the crop size run in :class:`MaskSup` instead.
+    """
 
     arch: Literal["levit_unet_384", "unetpp", "unet"] = "levit_unet_384"
     width: int = 32
@@ -105,56 +112,92 @@ class MaskSupKnobs:
     paper_metric_size: list[int] | None = field(default_factory=lambda: [224, 224])
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        errors = knob_errors(vars(self))
+        if errors:
+            raise ValueError("invalid masksup knobs: " + "; ".join(errors))
 
-def _validate(k: MaskSupKnobs, ctx: MethodContext) -> list[str]:
+
+def _real(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _size(v: Any) -> bool:
+    """``[H, W]``: two integers >= 1."""
+    return isinstance(v, list | tuple) and len(v) == 2 and all(_integer(x) and x >= 1 for x in v)
+
+
+def knob_errors(k: Mapping[str, Any]) -> list[str]:
+    """Every knob value outside what MaskSup accepts, whatever the dataset (one message each).
+
+    Args:
+        k: knob name -> value, every field of :class:`MaskSupKnobs` present.
+
+    Returns:
+        One message per problem naming the knob, the value and the allowed values (empty if valid).
+
+    Example:
+        >>> knob_errors({**vars(MaskSupKnobs()), "mask_ratio": 1.5})
+        ['mask_ratio must be in [0, 1] or null, got 1.5']
+    """
     errors = []
-    if k.arch not in ARCHS:
-        errors.append(f"arch {k.arch!r} is not one of {ARCHS}")
-    if k.holes not in HOLE_KINDS:
-        errors.append(f"holes {k.holes!r} is not one of {HOLE_KINDS}")
-    if k.consistency not in CONSISTENCY:
-        errors.append(f"consistency {k.consistency!r} is not one of {CONSISTENCY}")
-    try:
-        resolve_ratio_range(
-            k.holes if k.holes in HOLE_KINDS else "freeform", k.mask_ratio, k.hole_ratio_range
-        )
-    except (ValueError, TypeError) as e:
-        errors.append(str(e))
-    if k.stop_gradient not in STOP_GRADIENT:
-        errors.append(f"stop_gradient {k.stop_gradient!r} is not one of {STOP_GRADIENT}")
-    if k.trainer not in TRAINERS:
-        errors.append(f"trainer {k.trainer!r} is not one of {TRAINERS}")
-    if not 0.0 <= float(k.mask_prob) <= 1.0:
-        errors.append(f"mask_prob must lie in [0, 1], got {k.mask_prob}")
-    if int(k.patch_size) < 1:
-        errors.append(f"patch_size must be >= 1, got {k.patch_size}")
-    if int(k.width) < 1:
-        errors.append(f"width must be >= 1, got {k.width}")
-    if k.binary and ctx.num_classes != 2:
+    for name, allowed in (("arch", ARCHS), ("holes", HOLE_KINDS), ("consistency", CONSISTENCY),
+                          ("stop_gradient", STOP_GRADIENT), ("trainer", TRAINERS)):
+        if k[name] not in allowed:
+            errors.append(f"{name} {k[name]!r} is not one of {allowed}")
+    for name in ("width", "patch_size"):
+        if not (_integer(k[name]) and k[name] >= 1):
+            errors.append(f"{name} must be an integer >= 1, got {k[name]!r}")
+    if not (_real(k["drop_path"]) and 0.0 <= k["drop_path"] <= 1.0):
+        errors.append(f"drop_path must be in [0, 1], got {k['drop_path']!r}")
+    ratio = k["mask_ratio"]
+    if ratio is not None and not (_real(ratio) and 0.0 <= ratio <= 1.0):
+        errors.append(f"mask_ratio must be in [0, 1] or null, got {ratio!r}")
+    ratios = k["hole_ratio_range"]
+    if not (isinstance(ratios, list | tuple) and len(ratios) == 2 and all(map(_real, ratios))
+            and 0.0 <= ratios[0] <= ratios[1] <= 1.0):
+        errors.append(f"hole_ratio_range must be [low, high] with 0 <= low <= high <= 1, got "
+                      f"{ratios!r} (e.g. [0.5, 0.6], the heavy NVIDIA bucket)")
+    if not (_real(k["mask_prob"]) and 0.0 <= k["mask_prob"] <= 1.0):
+        errors.append(f"mask_prob must be in [0, 1], got {k['mask_prob']!r}")
+    void = k["void_to_class"]
+    if void is not None and not (_integer(void) and void >= 0):
+        errors.append(f"void_to_class must be a class id >= 0 or null, got {void!r}")
+    if k["predict_size"] is not None and not _size(k["predict_size"]):
+        errors.append(f"predict_size must be [H, W] (both >= 1) or null, got {k['predict_size']!r}")
+    elif (k["arch"] == "levit_unet_384" and k["predict_size"] is not None
+          and tuple(k["predict_size"]) != LeViTUNet384.input_size):
+        errors.append(f"arch levit_unet_384 predicts at 224x224, got predict_size "
+                      f"{k['predict_size']}; leave predict_size null")
+    if k["paper_metric_size"] is not None and not _size(k["paper_metric_size"]):
+        errors.append(f"paper_metric_size must be [H, W] (both >= 1) or null, got "
+                      f"{k['paper_metric_size']!r}")
+    if not (_integer(k["seed"]) and k["seed"] >= 0):
+        errors.append(f"seed must be an integer >= 0, got {k['seed']!r}")
+    return errors
+
+
+def _context_errors(k: Mapping[str, Any], ctx: MethodContext) -> list[str]:
+    """Knob values the run's dataset (class count) or crop size rule out."""
+    errors = []
+    if k["binary"] and ctx.num_classes != 2:
         errors.append(
             f"binary is true but the dataset has {ctx.num_classes} classes; binary needs 2 "
             "(background, foreground) — set binary to null or false"
         )
-    if k.void_to_class is not None and not 0 <= int(k.void_to_class) < ctx.num_classes:
+    void = k["void_to_class"]
+    if _integer(void) and void >= ctx.num_classes:  # a negative id is a knob_errors problem
         errors.append(f"void_to_class must be a class id in [0, {ctx.num_classes}) or null, got "
-                      f"{k.void_to_class}")
-    if k.predict_size is not None and len(k.predict_size) != 2:
-        errors.append(f"predict_size must be [H, W] or null, got {k.predict_size}")
-    if k.paper_metric_size is not None and (
-            len(k.paper_metric_size) != 2 or min(int(v) for v in k.paper_metric_size) < 1):
-        errors.append(f"paper_metric_size must be [H, W] (both >= 1) or null, got "
-                      f"{k.paper_metric_size}")
-    if k.arch == "levit_unet_384":
-        if tuple(ctx.crop_size) != LeViTUNet384.input_size:
-            errors.append(
-                f"arch levit_unet_384 needs 224x224 training crops, got crop_size "
-                f"{list(ctx.crop_size)}; set data.crop_size=[224,224] or use arch unet/unetpp"
-            )
-        if k.predict_size is not None and tuple(k.predict_size) != LeViTUNet384.input_size:
-            errors.append(
-                f"arch levit_unet_384 predicts at 224x224, got predict_size "
-                f"{k.predict_size}; leave predict_size null"
-            )
+                      f"{void}")
+    if k["arch"] == "levit_unet_384" and tuple(ctx.crop_size) != LeViTUNet384.input_size:
+        errors.append(
+            f"arch levit_unet_384 needs 224x224 training crops, got crop_size "
+            f"{list(ctx.crop_size)}; set data.crop_size=[224,224] or use arch unet/unetpp"
+        )
     return errors
 
 
@@ -189,14 +232,21 @@ class MaskSup:
 
     def __init__(self, knobs: MaskSupKnobs | Mapping[str, Any], ctx: MethodContext) -> None:
         if isinstance(knobs, Mapping):
-            names = {f.name for f in dataclasses.fields(MaskSupKnobs)}
-            unknown = sorted(set(knobs) - names)
+            fields = dataclasses.fields(MaskSupKnobs)
+            unknown = sorted(set(knobs) - {f.name for f in fields})
             if unknown:
-                raise KeyError(f"unknown masksup knobs {unknown}; known knobs: {sorted(names)}")
-            knobs = MaskSupKnobs(**knobs)
-        errors = _validate(knobs, ctx)
+                raise KeyError(f"unknown masksup knobs {unknown}; known knobs: "
+                               f"{sorted(f.name for f in fields)}")
+            # Checked before MaskSupKnobs(...) so that its errors and the dataset's come together.
+            values = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                      else f.default_factory() for f in fields} | dict(knobs)
+        else:
+            values = vars(knobs)  # checked again: a knobs object may have been changed since
+        errors = knob_errors(values) + _context_errors(values, ctx)
         if errors:
             raise ValueError("invalid masksup knobs:\n  - " + "\n  - ".join(errors))
+        if isinstance(knobs, Mapping):
+            knobs = MaskSupKnobs(**knobs)
         self.knobs = knobs
         self.ctx = ctx
         self.binary = bool(knobs.binary) if knobs.binary is not None else ctx.num_classes == 2
