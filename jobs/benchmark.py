@@ -50,7 +50,13 @@ def cmd_data(args) -> dict:
                           batch_size=args.batch_size, epochs=args.epochs, rounds=args.rounds,
                           workers=args.workers, rss_factor=args.rss_factor,
                           image_format=args.image_format)
-    res = bench_data(cfg, data=args.data, local=args.local, rss=not args.no_rss)
+    from segray.data import DatasetError
+    from segray.launch import fail_usage
+
+    try:
+        res = bench_data(cfg, data=args.data, local=args.local, rss=not args.no_rss)
+    except (FileNotFoundError, DatasetError) as e:  # --data names no usable dataset
+        fail_usage(f"--data {args.data}: {e}" if args.data else str(e))
     goals = res["goals"]
 
     def check(value: float, goal: float, low_is_good: bool = False) -> str:
@@ -72,6 +78,8 @@ def cmd_data(args) -> dict:
         ("share of decode limit (goal >= 80%)",
          f"{100 * res['share_of_decode_limit']:.0f}%  "
          f"{check(res['share_of_decode_limit'], goals['share_of_decode_limit'])}"),
+        ("pipeline / one decode process",
+         f"{100 * res['segray_images_per_s'] / res['decode_images_per_s_1proc']:.0f}%"),
         (f"decode + rescale/crop loop images/s, {cfg.workers} processes",
          f"{res['decode_crop_images_per_s_nproc']:.1f}"),
         ("share of the decode + rescale/crop loop", f"{100 * res['share_of_decode_crop_loop']:.0f}%"),
@@ -116,17 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="stream this dataset's train split (default: synthetic JPEGs on a "
                             "local S3 server started for the run)")
     where.add_argument("--local", action="store_true", help="synthetic JPEGs in a local folder")
-    d.add_argument("--images", type=int, default=512, help="synthetic images (1x dataset)")
-    d.add_argument("--size", type=int, default=256, help="synthetic image side")
-    d.add_argument("--crop", type=int, default=128, help="training crop side")
+    d.add_argument("--images", type=positive_int, default=512, help="synthetic images (1x dataset)")
+    d.add_argument("--size", type=positive_int, default=256, help="synthetic image side")
+    d.add_argument("--crop", type=positive_int, default=128, help="training crop side")
     d.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"],
                    help="encoding of the synthetic images")
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--epochs", type=int, default=20, help="epochs per timed round")
-    d.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (best kept)")
-    d.add_argument("--workers", type=int, default=2,
+    d.add_argument("--batch-size", type=positive_int, default=32)
+    d.add_argument("--epochs", type=positive_int, default=20, help="epochs per timed round")
+    d.add_argument("--rounds", type=positive_int, default=3, help="alternating timed rounds (best kept)")
+    d.add_argument("--workers", type=positive_int, default=2,
                    help="DataLoader workers and decode-limit processes")
-    d.add_argument("--rss-factor", type=int, default=10, help="size of the large memory test")
+    d.add_argument("--rss-factor", type=positive_int, default=10, help="size of the large memory test")
     d.add_argument("--no-rss", action="store_true", help="skip the streaming-memory test")
     d.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)

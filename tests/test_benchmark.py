@@ -44,6 +44,20 @@ def test_train_benchmark_usage_errors_exit_2(tmp_path, flags, expected):
     assert "Traceback" not in proc.stdout
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--images", "0", "--local"], "argument --images: expected an integer >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["--workers", "-1"], "argument --workers: expected an integer >= 1, got -1"),
+    (["--data", "/nonexistent", "--no-rss"],
+     "error: --data /nonexistent: no dataset manifest at /nonexistent/dataset.json"),
+])
+def test_data_benchmark_usage_errors_exit_2(tmp_path, flags, expected):
+    proc = run_job("benchmark.py", "data", *flags, env=job_env(tmp_path), check=False,
+                   timeout=120)
+    assert proc.returncode == 2 and expected in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_train_benchmark_on_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     proc = run_job("benchmark.py", "train", "--device", "cuda", env=job_env(tmp_path),
@@ -88,6 +102,7 @@ def test_data_benchmark_smoke(tmp_path):
         "segray": 1, "dataloader": 1, "decode": 1, "decode_crop": 1, "ray_data_ceiling": 1}
     assert "share of the decode + rescale/crop loop" in proc.stdout
     assert "share of the Ray Data ceiling" in proc.stdout
+    assert "pipeline / one decode process" in proc.stdout
     assert res["rss"]["ratio"] == pytest.approx(
         res["rss"]["large"]["peak_rss_mb"] / res["rss"]["1x"]["peak_rss_mb"])
     # A Ray instance, its workers and the driver hold far more than the idle interpreter.

@@ -198,7 +198,8 @@ def test_non_finite_numbers_are_refused():
     ("optim.grad_clip=-1", "optim.grad_clip: must be >= 0"),
     ("augment.hflip=1.5", "augment.hflip: must be in [0, 1]"),
     ("cpus_per_worker=-1", "cpus_per_worker: must be >= 0"),
-    ("seed=-1", "seed: must be >= 0, got -1"),
+    ("seed=-1", "seed: must be in [0, 4294967295] (NumPy's and Optuna's seed range), got -1"),
+    ("seed=5000000000", "seed: must be in [0, 4294967295]"),
     ("eval.ratios=[]", None),  # no TTA: no ratios needed
     ("eval.ratios=[0.5,0]", "eval.ratios: every ratio must be > 0"),
     ("eval.tta=true eval.ratios=[]", "eval.ratios: eval.tta needs at least one ratio"),
@@ -238,6 +239,16 @@ def test_errors_say_whether_a_value_came_from_the_command_line_or_the_file(tmp_p
     with pytest.raises(SystemExit):
         build_config(_args("--batch-size", "0"))
     assert "data.batch_size: must be >= 1, got 0 (from --batch-size)" in capsys.readouterr().err
+
+
+def test_errors_name_the_flag_as_the_job_spells_it(tmp_path):
+    """jobs/tune.py spells ``workers`` as --workers-per-trial: the error says so."""
+    from conftest import job_env, run_job
+
+    proc = run_job("tune.py", "--workers-per-trial", "0", env=job_env(tmp_path), check=False,
+                   timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout
+    assert "workers: must be >= 1, got 0 (from --workers-per-trial)" in proc.stdout
 
 
 def test_a_non_utf8_preset_file_is_a_config_error_naming_it(tmp_path):

@@ -23,6 +23,15 @@ class UsageParser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message}\n(see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Also record on the namespace (``_flags``) the flag each destination was given by,
+        so errors about a value name the flag the user typed (``--workers-per-trial``)."""
+        ns, rest = super().parse_known_args(args, namespace)
+        own = {a.dest: next((o for o in a.option_strings if o.startswith("--")),
+                            a.option_strings[0]) for a in self._actions if a.option_strings}
+        ns._flags = {**own, **getattr(ns, "_flags", {})}  # a subcommand's own flags win
+        return ns, rest
+
 
 def checked_type(convert: Callable[[str], Any], check: Callable[[Any], Any],
                  expected: str) -> Callable[[str], Any]:
@@ -135,8 +144,9 @@ def build_config(args: argparse.Namespace, warn_untrained: bool = True) -> Any:
                 over[key] = flags[key]
         if "data.uri" in flags:
             over.setdefault("data", {})["uri"] = flags["data.uri"]
-        origins = {k: "--" + attr.replace("_", "-") for attr, k in FLAG_KEYS.items()
-                   if k in flags}
+        typed = getattr(args, "_flags", {})
+        origins = {k: typed.get(attr, "--" + attr.replace("_", "-"))
+                   for attr, k in FLAG_KEYS.items() if k in flags}
         for item in args.overrides:
             origins[item.split("=", 1)[0].strip()] = f"--set {item}"
         raw = deep_merge(deep_merge(raw, over), parse_overrides(args.overrides))

@@ -111,7 +111,7 @@ def check(cfg: Config) -> list[str]:
     if cfg.gpus_per_worker < 0:
         e.append(f"gpus_per_worker: must be >= 0, got {cfg.gpus_per_worker}")
     at_least("cpus_per_worker", cfg.cpus_per_worker, 0)
-    at_least("seed", cfg.seed, 0)
+    within("seed", cfg.seed, 0, 2**32 - 1, " (NumPy's and Optuna's seed range)")
     if t.precision == "fp16" and cfg.gpus_per_worker == 0:
         e.append("train.precision: 'fp16' needs a CUDA device, but gpus_per_worker is 0 (CPU "
                  "workers); use 'bf16', 'fp32' or 'auto' on CPU, or pass --gpus-per-worker 1")
