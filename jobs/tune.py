@@ -3,14 +3,18 @@
 Each trial is a Ray Train run of the method with sampled knobs; Optuna (TPE) picks the points,
 ASHA stops poor trials after a few evaluation rounds. The sweep folder ``<storage>/<name>`` gets
 a table of trials, plots, ``best.yaml`` (re-run with ``jobs/train.py --preset-file``) and
-``report.html``. Re-run the same command with ``--resume`` to continue an interrupted sweep.
+``report.html``. Ctrl-C (SIGINT) or SIGUSR1 interrupts a sweep: Tune saves its state, the running
+trials show as ``interrupted`` and the job exits 130, printing the ``--resume`` command that
+continues them. On a cluster that autoscales from zero, pass ``--max-concurrent``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from segray import storage
 from segray.cli import UsageParser, build_config, port_number
@@ -19,6 +23,9 @@ from segray.launch import UsageError, default_storage, fail_usage
 from segray.sweep import SweepSpec, check_values, parse_space
 from segray.sweep.exporter import DEFAULT_PORT
 from segray.sweep.space import knob_names
+
+if TYPE_CHECKING:
+    from segray.sweep.results import TrialRow
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Ray Train workers of each trial")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU)")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at once (default: as many as the cluster holds)")
+                   help="trials at once, kept by --resume (default: as many as the cluster "
+                   "holds now; needed on a cluster with no room for one trial yet)")
     p.add_argument("--storage", default=None, help="storage root (local or s3://); the sweep "
                    "folder is <storage>/<name>")
     p.add_argument("--name", default=None, help="sweep name (default: <method>-sweep-<time>)")
@@ -115,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = SweepSpec.load(root)
         except FileNotFoundError as e:
             fail_usage(f"{e}; start the sweep without --resume")
+        if args.max_concurrent is not None and args.max_concurrent != spec.max_concurrent:
+            # Tune restores its trial limit with the sweep's state: a new value would not apply.
+            fail_usage(f"--max-concurrent {args.max_concurrent}: sweep {spec.name} runs "
+                       f"{spec.max_concurrent} trial(s) at a time, fixed when it started, and a "
+                       f"resumed sweep keeps it; drop --max-concurrent, or start a new sweep")
         print(f"[segray] --resume: sweep {spec.name} continues with the settings it started with "
               f"({storage.join(root, 'sweep.yaml')}); other sweep flags are not used")
     else:
@@ -130,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_sweep(spec, resume=args.resume, metrics_port=args.metrics_port)
     except (UsageError, OSError) as e:
         fail_usage(str(e))
+    except KeyboardInterrupt:  # before Tune caught the signal, or a second Ctrl-C
+        return interrupted(spec, store)
     print("\n" + open_table(outcome.files))
+    if outcome.interrupted:
+        return interrupted(spec, store, outcome.rows)
     best = outcome.best
     if best is None:
         print("no trial produced a validation mIoU; see the errors above")
@@ -142,6 +159,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-run it: {rerun_command(spec.method, outcome.files['best.yaml'])}")
     print(f"sweep folder: {spec.root} (report.html, trials.csv, TensorBoard: {spec.tune_dir})")
     return 0
+
+
+def interrupted(spec: SweepSpec, store: str, rows: list[TrialRow] | None = None) -> int:
+    """Say how to continue an interrupted sweep; the exit code of an interrupt (130)."""
+    if not storage.exists(storage.join(spec.root, "sweep.yaml")):
+        print(f"sweep {spec.name} interrupted before it started; run the same command again")
+        return 130
+    if rows is not None:
+        from segray.sweep.results import ENDED
+
+        ended = sum(r.status in ENDED for r in rows)
+        cut = [r.trial for r in rows if r.status == "interrupted"]
+        print(f"sweep {spec.name} interrupted: {ended} of {spec.samples} trials ended"
+              + (f"; interrupted, to continue on resume: {', '.join(cut)}" if cut else ""))
+    print(f"resume it: {resume_command(spec.name, store)}")
+    return 130
+
+
+def resume_command(name: str, store: str) -> str:
+    """The command that continues the sweep ``name`` under the storage root ``store``."""
+    return (f"python jobs/tune.py --name {shlex.quote(name)} --storage {shlex.quote(store)} "
+            f"--resume")
 
 
 def rerun_command(method: str, best: str) -> str:

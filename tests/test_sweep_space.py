@@ -244,7 +244,8 @@ def test_spec_round_trip(tmp_path):
 def test_results_folder(tmp_path):
     spec = _spec(tmp_path)
     _fake_run(spec, "trial_001_a", [10.0, 20.0, 30.0])
-    _fake_run(spec, "trial_002_b", [5.0])
+    _fake_run(spec, "trial_002_b", [5.0])  # stopped by the scheduler: its marker is on file
+    (Path(spec.run_uri("trial_002_b")) / STOPPED_FILE).write_text("{}")
     _fake_run(spec, "trial_003_c", [12.0, 25.0, 28.0], resumed=True)
     trials = [
         {"name": "trial_002_b", "status": "TERMINATED",
@@ -286,6 +287,11 @@ def test_results_folder(tmp_path):
     assert "name" not in best and "storage" not in best  # a re-run starts fresh
     assert (root / "best.yaml").read_text().startswith(
         "# python jobs/train.py --method masksup --preset-file best.yaml")
+    # The peak and the last evaluation apart: a re-run trains to the end, as Optuna scored it.
+    first = next(r for r in table if r["trial"] == "trial_001_a")
+    assert (f"best validation mIoU {float(first['best_mIoU']):.2f} (at its last evaluation, step "
+            f"{first['steps']}: {float(first['last_mIoU']):.2f}; a re-run reproduces the last)"
+            in (root / "best.yaml").read_text())
     assert set(files) >= {"trials.csv", "trials.md", "best.yaml", "report.html"}
     # A running trial the scheduler just stopped (its marker is written at once) counts as stopped.
     (root / "trials" / "trial_004_d").mkdir()

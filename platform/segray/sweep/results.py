@@ -28,6 +28,7 @@ from segray.sweep.spec import METRIC, STOPPED_FILE, SweepSpec
 
 CSV_FILE, MD_FILE, BEST_FILE, HTML_FILE = "trials.csv", "trials.md", "best.yaml", "report.html"
 BEST_SO_FAR_FILE = "best_so_far.png"
+ENDED = ("finished", "stopped", "error")  # statuses a resumed sweep does not run again
 
 
 @dataclass
@@ -36,7 +37,8 @@ class TrialRow:
 
     Attributes:
         trial: trial name (also its Train run name).
-        status: ``pending``, ``running``, ``finished``, ``stopped`` (early, by the scheduler) or
+        status: ``pending``, ``running``, ``finished``, ``stopped`` (early, by the scheduler),
+            ``interrupted`` (running when the sweep was interrupted; ``--resume`` continues it) or
             ``error``.
         knobs: the sampled value of every swept key.
         best_miou: highest validation mIoU over its evaluation rounds (None before the first).
@@ -79,16 +81,7 @@ def trial_rows(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[TrialRow]:
         if not evals and last.get(METRIC) is not None:
             evals = [last[METRIC]]
         steps = max([int(h.get("step", 0)) for h in history] + [int(last.get("step") or 0)])
-        status = {"RUNNING": "running", "ERROR": "error", "TERMINATED": "finished"}.get(
-            t["status"], "pending")
-        # Finished = its Train run wrote its final report (as on resume, see trial.run_trial). A
-        # trial that ended without one was stopped by the scheduler, as is a running one whose
-        # stop is under way. (A stopped run's workers may log a step or an evaluation more before
-        # they go down with the trial: its history alone does not say it finished.)
-        completed = storage.exists(storage.join(run, report.SUMMARY_FILE))
-        stopping = status == "running" and storage.exists(storage.join(run, STOPPED_FILE))
-        if (status == "finished" and not completed) or stopping:
-            status = "stopped"
+        status = _status(t["status"], run, history)
         rows.append(TrialRow(
             trial=t["name"], status=status,
             knobs={k: t["config"].get(k) for k in spec.space},
@@ -97,6 +90,35 @@ def trial_rows(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[TrialRow]:
             resumes=sum(1 for h in history if h.get("event") == "resumed"), run=run,
         ))
     return rows
+
+
+def _status(tune_status: str, run: str, history: list[dict[str, Any]]) -> str:
+    """A trial's table status from Tune's and its Train run folder.
+
+    Finished = its Train run wrote its final report (as on resume, see trial.run_trial); stopped =
+    the scheduler's stop marker is there (written the moment it decides, also for a running trial
+    whose stop is under way; a stopped run's workers may log a step or an evaluation more before
+    they go down, so its history alone does not say it finished). A trial Tune calls TERMINATED
+    with neither was ended by an interrupted sweep: Tune stops the running trials that way when it
+    catches SIGINT/SIGUSR1, and saves them as unfinished for ``--resume``.
+    """
+    if tune_status == "ERROR":
+        return "error"
+    if tune_status not in ("RUNNING", "TERMINATED"):
+        return "pending"
+    if tune_status == "TERMINATED" and storage.exists(storage.join(run, report.SUMMARY_FILE)):
+        return "finished"
+    if storage.exists(storage.join(run, STOPPED_FILE)):
+        return "stopped"
+    if tune_status == "RUNNING":
+        return "running"
+    started = bool(history) or storage.exists(storage.join(run, report.CONFIG_FILE))
+    return "interrupted" if started else "pending"
+
+
+def complete(spec: SweepSpec, rows: list[TrialRow]) -> bool:
+    """Whether every trial of the sweep has started and ended (finished, stopped or failed)."""
+    return len(rows) >= spec.samples and all(r.status in ENDED for r in rows)
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
@@ -108,9 +130,9 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
 
 
 def counts(rows: list[TrialRow]) -> dict[str, int]:
-    """Trials per status (running, done = finished + stopped, stopped, error, pending)."""
+    """Trials per status (each status, and done = finished + stopped)."""
     n = {s: sum(1 for r in rows if r.status == s)
-         for s in ("pending", "running", "finished", "stopped", "error")}
+         for s in ("pending", "running", "interrupted", "finished", "stopped", "error")}
     n["done"] = n["finished"] + n["stopped"]
     return n
 
@@ -190,7 +212,9 @@ def plot_knob(spec: SweepSpec, rows: list[TrialRow], key: str) -> bytes:
             ax.set_xscale("log")
     for status, style in (("finished", dict(color="tab:blue")),
                           ("stopped", dict(facecolors="none", edgecolors="tab:red")),
-                          ("running", dict(color="tab:grey")), ("error", dict(color="black"))):
+                          ("running", dict(color="tab:grey")),
+                          ("interrupted", dict(facecolors="none", edgecolors="tab:grey")),
+                          ("error", dict(color="black"))):
         pts = [(x_of(r), r.best_miou) for r in scored if r.status == status]
         if pts:
             ax.scatter(*zip(*pts), s=40, label=status if status != "stopped" else
@@ -256,8 +280,9 @@ def best_preset(spec: SweepSpec, best: TrialRow) -> str | None:
     cfg["preset"] = f"{spec.name}-best"
     knobs = ", ".join(f"{k}={_fmt(v)}" for k, v in best.knobs.items())
     head = (f"# python jobs/train.py --method {spec.method} --preset-file best.yaml\n"
-            f"# Best trial of sweep {spec.name}: {best.trial}, validation mIoU "
-            f"{best.best_miou:.2f} after {best.steps} steps.\n# Swept: {knobs}\n")
+            f"# Best trial of sweep {spec.name}: {best.trial}, best validation mIoU "
+            f"{best.best_miou:.2f} (at its last evaluation, step {best.steps}: "
+            f"{best.last_miou:.2f}; a re-run reproduces the last).\n# Swept: {knobs}\n")
     return head + yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -297,7 +322,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}tr.best{{backgrou
 figure{{display:inline-block;margin:1em}}</style></head><body>
 <h1>Sweep {esc(spec.name)} — {esc(spec.method)}</h1>
 <p>{len(rows)} of {spec.samples} trials started: {n['finished']} finished, {n['stopped']} stopped
-early, {n['running']} running, {n['error']} failed. Search: Optuna TPE (seed {spec.seed}) maximising
+early, {n['running']} running, {n['interrupted']} interrupted, {n['error']} failed. Search: Optuna TPE (seed {spec.seed}) maximising
 {METRIC}; scheduler: {esc(scheduler)}. Folder: <code>{esc(spec.root)}</code>.</p>
 {verdict}
 <table>{''.join(table)}</table>

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
@@ -110,53 +111,93 @@ def publish(sweep: str, rows: list[results.TrialRow]) -> None:
 
 @dataclass
 class SweepOutcome:
-    """What a finished sweep returns: its table, the best trial and the results files."""
+    """What a sweep returns when Tune is done: its table, the best trial and the results files."""
 
     rows: list[results.TrialRow]
     best: results.TrialRow | None
     files: dict[str, str]
     max_concurrent: int
+    interrupted: bool = False  # ended before its trials did (SIGINT/SIGUSR1): --resume continues
 
 
-def plan_concurrency(need: TrialNeed, requested: int | None, samples: int) -> tuple[int, str]:
-    """Trials at once: as requested, else what the connected cluster holds (at least 1).
+def plan_concurrency(attached: bool, cluster: dict[str, float], need: TrialNeed,
+                     requested: int | None, samples: int) -> tuple[int, str]:
+    """Trials at once, from what the Ray instance holds when the sweep starts.
+
+    A private local instance is all there will be: a trial needing more GPUs than it has can never
+    run. A cluster (``RAY_ADDRESS``) may hold less now than it will: an autoscaling one with
+    ``min_workers: 0`` GPU nodes reports no GPU until trials ask for them. There the default (as
+    many as fit) cannot be worked out while not one trial fits, and guessing 1 would fix a sweep to
+    one trial at a time for good (``sweep.yaml`` keeps it across resumes), so the user must say.
+
+    Args:
+        attached: attached to an existing cluster rather than a private local instance.
+        cluster: ``ray.cluster_resources()``.
+        need: what one trial takes.
+        requested: ``--max-concurrent`` (None = as many as fit).
+        samples: trials in the sweep.
 
     Returns:
         ``(k, note)``; ``note`` explains a choice the user should know about ("" otherwise).
+
+    Raises:
+        UsageError: locally, a trial needs more GPUs than the machine has; attached, no trial
+            fits now and no ``--max-concurrent`` was given.
+
+    Example:
+        >>> need = trial_need(workers=1, cpus_per_worker=1.0, gpus_per_worker=1.0)
+        >>> plan_concurrency(True, {"CPU": 8.0}, need, 4, 32)[0]
+        4
     """
-    import ray
-
-    fits = concurrency(ray.cluster_resources(), need)
+    fits = concurrency(cluster, need)
     ask = f"{need.cpus:g} CPU" + (f" + {need.gpus:g} GPU" if need.gpus else "")
+    holds = f"{cluster.get('CPU', 0.0):g} CPU, {cluster.get('GPU', 0.0):g} GPU"
+    if not attached and need.gpus > cluster.get("GPU", 0.0):
+        raise UsageError(f"a trial needs {need.gpus:g} GPUs (workers x --gpus-per-worker) but this "
+                         f"machine has {cluster.get('GPU', 0.0):g}; pass --gpus-per-worker 0 to "
+                         f"train on CPU")
     if requested:
-        note = "" if requested <= fits else (
-            f"--max-concurrent {requested} is more than the cluster holds now ({fits} trials of "
-            f"{ask}); the extra trials wait for the autoscaler to add nodes")
-        return requested, note
-    if fits == 0:
-        return 1, (f"the cluster cannot hold one trial ({ask}) now; running one at a time while "
-                   f"the autoscaler adds nodes")
-    return min(fits, samples), ""
+        if requested <= fits:
+            return requested, ""
+        if not attached:
+            return requested, (f"--max-concurrent {requested} is more than this machine holds "
+                               f"({fits} trials of {ask}); the extra trials wait for the others")
+        if fits == 0:
+            return requested, (f"the cluster has no room for one trial ({ask}) yet (it holds "
+                               f"{holds}); the trials wait for the autoscaler to add nodes, "
+                               f"{requested} at a time")
+        return requested, (f"--max-concurrent {requested} is more than the cluster holds now "
+                           f"({fits} trials of {ask}); the extra trials wait for the autoscaler "
+                           f"to add nodes")
+    if fits > 0:
+        return min(fits, samples), ""
+    if attached:
+        raise UsageError(f"the cluster has no room for one trial ({ask}) yet: it holds {holds} "
+                         f"(autoscaling from zero?), so the trials to run at once cannot be worked "
+                         f"out from it; pass --max-concurrent N: N trials of {ask} run at once "
+                         f"as the autoscaler adds nodes for them")
+    return 1, f"this Ray instance cannot hold one trial ({ask}) now; running one at a time"
 
 
-def init_ray(need: TrialNeed, requested: int | None) -> None:
+def attached_to_cluster() -> bool:
+    """Whether Ray attaches to an existing cluster (``RAY_ADDRESS``) rather than starting one."""
+    return os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local")
+
+
+def init_ray(need: TrialNeed, requested: int | None) -> bool:
     """Attach to ``RAY_ADDRESS``, or start a private local instance sized for the sweep.
 
     Locally, trials run ``requested`` at a time, or as many as the machine's cores hold (at least
     one); the instance gets enough logical CPUs for that, so even a 2-core laptop runs the defaults.
 
-    Raises:
-        UsageError: a trial needs more GPUs than this machine has.
+    Returns:
+        Whether it attached to an existing cluster (see :func:`plan_concurrency`).
     """
-    import ray
-
     cores = os.cpu_count() or 1
     trials = requested or max(1, math.floor(cores / need.cpus))
+    attached = attached_to_cluster()
     launch.init_ray(local_cpus(need, trials, cores))
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if need.gpus > gpus:
-        raise UsageError(f"a trial needs {need.gpus:g} GPUs (workers x --gpus-per-worker) but this "
-                         f"machine has {gpus:g}; pass --gpus-per-worker 0 to train on CPU")
+    return attached
 
 
 def _tune_storage(spec: SweepSpec) -> tuple[str, Any]:
@@ -210,10 +251,12 @@ def restore_tuner(spec: SweepSpec, info: Any) -> tune.Tuner:
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = exporter.DEFAULT_PORT,
               say: Any = print) -> SweepOutcome:
-    """Run (or resume) a sweep to the end and write its results folder.
+    """Run (or resume) a sweep until it ends or is interrupted, and write its results folder.
 
     A new sweep fixes its concurrency when it starts (``spec.max_concurrent``, or what the cluster
-    holds) and saves it in ``sweep.yaml``; a resumed one keeps it, as Tune does.
+    holds) and saves it in ``sweep.yaml``; a resumed one keeps it, as Tune does. SIGINT (Ctrl-C)
+    or SIGUSR1 interrupts it: Tune saves its state and returns, the trials that were running are
+    ``interrupted`` in the table and ``outcome.interrupted`` is set; ``resume=True`` continues them.
 
     Args:
         spec: the sweep (saved to ``sweep.yaml`` when it starts).
@@ -235,11 +278,12 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
     metrics = exporter.SweepMetrics(spec.name, metrics_port)
     exporter.activate(metrics)
     try:
-        init_ray(need, spec.max_concurrent)
+        attached = init_ray(need, spec.max_concurrent)
+        k, note = plan_concurrency(attached, ray.cluster_resources(), need, spec.max_concurrent,
+                                   spec.samples)
         if base.data.on_bad_sample == "error":
             stream_datasets(base, info)  # a bad dataset stops the sweep here, not in every trial
         report.clear_data_error(spec.root)  # a bad row an earlier session met may be fixed now
-        k, note = plan_concurrency(need, spec.max_concurrent, spec.samples)
         restore = resume and can_resume(spec)
         if not restore:
             spec.max_concurrent = k
@@ -253,6 +297,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
         if note:
             say(f"[segray] note: {note}")
         tuner = restore_tuner(spec, info) if restore else build_tuner(spec, info, k)
+        # Tune catches SIGINT and SIGUSR1: it saves its state with the running trials unfinished,
+        # stops them (TERMINATED, no error) and returns. The table tells them from trials that
+        # ended (see results.trial_rows), so the interruption is not reported as the sweep's end.
         grid = tuner.fit()
         trials = [{"name": os.path.basename(r.path.rstrip("/")),
                    "status": "ERROR" if r.error else "TERMINATED",
@@ -272,6 +319,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
             raise UsageError(f"{recorded}; the trials running then ended in error, and later "
                              f"ones at their start (results so far: {spec.root}): {advice}")
         return SweepOutcome(rows=rows, best=results.best_row(rows), files=files,
-                            max_concurrent=k)
+                            max_concurrent=k, interrupted=not results.complete(spec, rows))
     finally:
         metrics.close()
