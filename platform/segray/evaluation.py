@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segray import storage
 from segray.augment import normalize
 from segray.config import EvalConfig
 from segray.inference import segment
@@ -188,10 +189,39 @@ def load_for_eval(checkpoint: str, data_uri: str | None = None) -> tuple[Any, An
     cfg = resolve(raw, get_method(method_name).Knobs, method_name, source=f"{checkpoint}/meta.json")
     uri = data_uri or cfg.data.uri or ensure_synthetic()
     info = open_dataset(uri)
+    if data_uri and cfg.data.uri and storage.absolute(data_uri) != cfg.data.uri:
+        _check_classes(checkpoint, cfg.data.uri, info)
     method = build_method(cfg, info)
     model = method.build()
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # shapes differ: another number of classes, as a rule
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit dataset {info.uri} ({info.num_classes} "
+            f"classes): {str(e).splitlines()[-1].strip()}; pass the dataset it was trained on "
+            f"({cfg.data.uri or 'see its meta.json'}) or one with the same classes") from None
     return method, model, cfg, info
+
+
+def _check_classes(checkpoint: str, trained_on: str, info: Any) -> None:
+    """Refuse a dataset whose classes differ from those of the one a checkpoint was trained on
+    (when that one can still be read): the scores would be of other classes, silently."""
+    from segray.data import DatasetError, open_dataset
+
+    try:
+        trained = open_dataset(trained_on).classes
+    except (FileNotFoundError, DatasetError, OSError):
+        return  # moved or gone: the model's shape is the check left
+    if list(trained) != list(info.classes):
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained on {trained_on} with classes "
+            f"{_names(trained)}, but {info.uri} has {_names(info.classes)}; evaluate on a "
+            "dataset with the same classes in the same order")
+
+
+def _names(classes: list[str]) -> str:
+    shown = ", ".join(classes[:6])
+    return f"[{shown}{', ...' if len(classes) > 6 else ''}] ({len(classes)})"
 
 
 def run_evaluation(method: Any, model: torch.nn.Module, cfg: Any, info: Any, split: str, out: str,
