@@ -127,3 +127,19 @@ def test_resume_at_the_final_checkpoint_finishes_the_report(tmp_path, small_data
 
 def _history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.cluster
+def test_weights_gone_nan_are_never_checkpointed(tmp_path, small_dataset):
+    """A learning rate that blows the weights up between log steps: the evaluation step refuses
+    to store them, so the run's latest checkpoint stays one to resume from."""
+    env = job_env(tmp_path)
+    proc = run_job("train.py", "--method", "supervised", "--set", "model.decoder_channels=16",
+                   "--batch-size", "4", "--set", "train.log_every=100", "--data", small_dataset,
+                   "--steps", "8", "--eval-every", "4", "--name", "nan",
+                   "--storage", str(tmp_path / "runs"), "--set", "optim.lr=1e30",
+                   "--set", "train.max_failures=0", env=env, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "the model's weights became NaN or infinite by step 4" in proc.stdout, \
+        proc.stdout[-3000:]
+    assert not list((tmp_path / "runs" / "nan").glob("step_*"))

@@ -102,6 +102,7 @@ def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     eval_every = cfg.train.eval_every or total
     window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0, "steps": 0}
     summary = None
+    reported_final = False
     last_epoch = None
 
     while runner.step_count < total:
@@ -126,14 +127,18 @@ def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
         if step % eval_every == 0 or step == total:
             summary = _eval_and_report(loop_config, method, runner, history, telemetry)
+            reported_final = step == total
             # Throughput is measured between evaluations: the window restarts after one.
             window.update(t0=time.perf_counter(), wait=0.0, images=0, steps=0)
-    if summary is None and report.finished(run_uri, total):  # the same on every rank (shared storage)
-        summary = report.read_summary(run_uri) if rank == 0 else None
-    elif summary is None:
-        # Resumed from the final checkpoint (the run died after saving it, before its summary):
-        # evaluate and finish the report; the checkpoint is stored already, never saved again.
-        summary = _eval_and_report(loop_config, method, runner, history, telemetry, save=False)
+    if not reported_final:  # resumed from the final checkpoint: no step ran
+        # Every rank decides before any can write the summary (rank 0 writes it only after the
+        # evaluation's all-reduce, which waits for them all).
+        if report.finished(run_uri, total):
+            summary = report.read_summary(run_uri) if rank == 0 else None
+        else:  # the run died after storing the final checkpoint, before its summary: evaluate
+            # and finish the report; the checkpoint is stored already, never saved again.
+            summary = _eval_and_report(loop_config, method, runner, history, telemetry,
+                                       save=False)
     if loop_config.get("flush_metrics"):
         telemetry.flush()  # Train kills workers on return; let the last values reach Prometheus
     return summary
