@@ -132,6 +132,22 @@ def test_crops_change_per_epoch_and_repeat_per_seed(ray_local, synth):
     assert all(np.array_equal(first[k], again[k]) for k in first)  # same seed, same first epoch
 
 
+def test_a_resumed_run_streams_new_crops(ray_local, synth):
+    """The driver mixes the step a run resumes from into the streams' seed: not the crops of the
+    run's first steps again, and the same ones for the same resume."""
+    from segray.config import parse_overrides, resolve
+    from segray.launch import stream_datasets
+
+    cfg = resolve(parse_overrides([f"data.crop_size={list(CROP)}", "seed=3",
+                                   "data.rows_per_execution=1"]), None, "supervised")
+    fresh = _crops(stream_datasets(cfg, synth)["train"])
+    resumed = _crops(stream_datasets(cfg, synth, resume_step=200)["train"])
+    again = _crops(stream_datasets(cfg, synth, resume_step=200)["train"])
+    assert fresh.keys() == resumed.keys()
+    assert sum(not np.array_equal(fresh[k], resumed[k]) for k in fresh) >= 15
+    assert all(np.array_equal(resumed[k], again[k]) for k in resumed)
+
+
 def test_resample_filters_reach_the_decode_tasks(ray_local, synth):
     """``data.resample`` and ``data.mask_resample`` go from the config through the stream to every
     decode task: the same seed gives the same windows, and shrinking shows the filters apart."""

@@ -27,6 +27,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from segray import report, storage
+from segray.checkpoint import latest_step
 from segray.config import to_yaml
 from segray.launch import build_trainer
 from segray.sweep.space import trial_config
@@ -97,7 +98,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), to_yaml(cfg))
     report.clear_data_error(run_uri)  # a resumed sweep may read fixed data
     trainer = build_trainer(cfg, info, spec.trials_root,
-                            callbacks=[EvalRoundReport(spec.eval_every)])
+                            callbacks=[EvalRoundReport(spec.eval_every)],
+                            resume_step=latest_step(run_uri))  # new crops for a resumed trial
     try:
         _fit_until_stopped(trainer, name, storage.join(run_uri, STOPPED_FILE), spec.root)
     except Exception:
