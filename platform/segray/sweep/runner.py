@@ -213,8 +213,9 @@ def _trainable(spec: SweepSpec, info: Any) -> Any:
 
 
 def build_tuner(spec: SweepSpec, info: Any, max_concurrent: int) -> tune.Tuner:
-    """A new ``Tuner``: Optuna TPE (seeded) maximising mIoU, ASHA on evaluation rounds or FIFO."""
-    from ray.tune.search.optuna import OptunaSearch
+    """A new ``Tuner``: Optuna TPE (seeded, :class:`~segray.sweep.searcher.SweepOptuna`)
+    maximising mIoU, ASHA on evaluation rounds or FIFO."""
+    from segray.sweep.searcher import SweepOptuna
 
     scheduler: FIFOScheduler = SweepFIFO(spec)
     if spec.scheduler == "asha" and spec.grace_period < spec.rounds:
@@ -224,7 +225,7 @@ def build_tuner(spec: SweepSpec, info: Any, max_concurrent: int) -> tune.Tuner:
         _trainable(spec, info),
         param_space={key: dist.to_tune() for key, dist in spec.space.items()},
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=OptunaSearch(seed=spec.seed),
+            metric=METRIC, mode="max", search_alg=SweepOptuna(seed=spec.seed),
             scheduler=scheduler, num_samples=spec.samples, max_concurrent_trials=max_concurrent,
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
