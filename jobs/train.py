@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_training(cfg)
     except UsageError as e:
         fail_usage(str(e))
+    except FloatingPointError as e:  # segray.engine.Diverged: the run's settings, not the
+        fail_usage(str(e), code=1)     # command line; exit 1, without a traceback
     val = summary["val"]
     print(f"\nvalidation mIoU: {val['mIoU']:.2f}  (majority-class baseline: "
           f"{val['majority_mIoU']:.2f})  mAcc {val['mAcc']:.2f}  aAcc {val['aAcc']:.2f}")

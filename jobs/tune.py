@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted(spec, store, outcome.rows)
     best = outcome.best
     if best is None:
-        print("no trial produced a validation mIoU; see the errors above")
+        from segray.engine import DIVERGED_FIX
+
+        diverged = sum(r.status == "diverged" for r in outcome.rows)
+        print(f"every trial diverged: {DIVERGED_FIX} in the base config or the space"
+              if diverged and diverged == len(outcome.rows) else
+              "no trial produced a validation mIoU; see the errors above")
         return 1
     knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in best.knobs.items())

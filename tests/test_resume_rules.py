@@ -139,7 +139,8 @@ def test_weights_gone_nan_are_never_checkpointed(tmp_path, small_dataset):
                    "--steps", "8", "--eval-every", "4", "--name", "nan",
                    "--storage", str(tmp_path / "runs"), "--set", "optim.lr=1e30",
                    "--set", "train.max_failures=0", env=env, check=False, timeout=300)
-    assert proc.returncode != 0
-    assert "the model's weights became NaN or infinite by step 4" in proc.stdout, \
-        proc.stdout[-3000:]
+    assert proc.returncode == 1
+    assert ("error: run nan diverged and stopped without retrying: the model's weights became "
+            "NaN or infinite by step 4") in proc.stdout, proc.stdout[-3000:]
     assert not list((tmp_path / "runs" / "nan").glob("step_*"))
+    assert json.loads((tmp_path / "runs" / "nan" / report.DIVERGED_FILE).read_text())["step"] == 4

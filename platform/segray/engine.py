@@ -206,16 +206,33 @@ class StepRunner:
         return [n for (n, _), ok in zip(floats, finite.tolist()) if not ok]
 
 
+class Diverged(FloatingPointError):
+    """Training diverged: the loss or the weights became NaN or infinite by ``step``.
+
+    Not a failure a retry can mend: a retry restores the last checkpoint and replays the same
+    batches, so the run stops instead of retrying (see :mod:`segray.worker`).
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles a worker's exception
+        return type(self), (str(self), self.step)
+
+
+DIVERGED_FIX = "lower optim.lr or set optim.grad_clip"
+
+
 def to_floats(logs: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:
     """Logged values as floats (one device sync); a non-finite loss is an error here.
 
     Raises:
-        FloatingPointError: the loss is NaN or infinite, with what to try.
+        Diverged: the loss is NaN or infinite, with what to try.
     """
     out = {k: float(v) for k, v in logs.items()}
     if not math.isfinite(out["loss"]):
-        raise FloatingPointError(f"loss became {out['loss']} at step {step}; lower optim.lr or "
-                                 "set optim.grad_clip")
+        raise Diverged(f"the loss became {out['loss']} at step {step}; {DIVERGED_FIX}", step)
     return out
 
 

@@ -12,10 +12,13 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segray import report, storage
 from segray.config import Config, to_yaml
+
+if TYPE_CHECKING:
+    from segray.engine import Diverged
 
 
 class UsageError(ValueError):
@@ -245,6 +248,7 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, report.CONFIG_FILE), text)
     report.clear_data_error(run_uri)  # this attempt may read fixed data, or skip bad rows
+    report.clear_divergence(run_uri)  # or train with a lower learning rate
     from segray.checkpoint import latest_step
 
     init_ray(local_cpus(cfg))
@@ -254,12 +258,28 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
         result = trainer.fit()
     except Exception:
         recorded = report.read_data_error(run_uri)
-        if recorded is None:
+        if recorded is not None:
+            advice = report.data_error_advice(recorded, "re-run the same command to resume")
+            raise UsageError(f"{recorded}; the run stopped there and keeps its checkpoints: "
+                             f"{advice}") from None
+        diverged = report.read_divergence(run_uri)
+        if diverged is None:
             raise
-        advice = report.data_error_advice(recorded, "re-run the same command to resume")
-        raise UsageError(f"{recorded}; the run stopped there and keeps its checkpoints: "
-                         f"{advice}") from None
+        raise diverged_error(cfg.name, diverged, latest_step(run_uri)) from None
     return result.return_value or report.read_summary(run_uri)
+
+
+def diverged_error(name: str, diverged: dict[str, Any], kept: int) -> Diverged:
+    """The driver's error for a run whose workers recorded a divergence: what happened, which
+    checkpoint the run keeps, and how to go on from it."""
+    from segray.engine import DIVERGED_FIX, Diverged
+
+    what = str(diverged["message"]).removesuffix(f"; {DIVERGED_FIX}")
+    where = (f"it keeps its checkpoints, the latest at step {kept}" if kept
+             else "it has no checkpoint yet")
+    return Diverged(f"run {name} diverged and stopped without retrying: {what}. "
+                    f"{where.capitalize()}: {DIVERGED_FIX} (--set optim.lr=...) and re-run the "
+                    "same command to resume from there", int(diverged["step"]))
 
 
 # What the checkpoints of a run hold state for, so a resume must not change it: the method, any

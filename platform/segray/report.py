@@ -1,5 +1,6 @@
 """The run report: ``metrics.jsonl``, curves and prediction-grid PNGs, and ``summary.json``; and
-``data_error.json``, the bad row that stopped a run.
+what stopped a run that no retry can mend: ``data_error.json`` (a bad row or shard) and
+``diverged.json`` (the loss or weights became NaN or infinite).
 
 Every file is written atomically into the run folder (local or ``s3://``), so a reader never sees a
 half-written report.
@@ -26,6 +27,7 @@ PREDICTIONS_FILE = "predictions.png"
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "weights.json"
 DATA_ERROR_FILE = "data_error.json"
+DIVERGED_FILE = "diverged.json"
 
 
 def write_history(run_uri: str, history: list[dict[str, Any]]) -> None:
@@ -71,6 +73,25 @@ def data_error_advice(error: BadSampleError | DatasetError, resume: str,
 def clear_data_error(run_uri: str) -> None:
     """Forget recorded bad data (a new attempt may read fixed data, or skip bad rows)."""
     storage.delete(storage.join(run_uri, DATA_ERROR_FILE))
+
+
+def write_divergence(run_uri: str, step: int, message: str) -> None:
+    """Record that training diverged at ``step`` (``diverged.json``), with the worker's message."""
+    record = {"step": int(step), "message": message}
+    storage.write_text(storage.join(run_uri, DIVERGED_FILE), json.dumps(record) + "\n")
+
+
+def read_divergence(run_uri: str) -> dict[str, Any] | None:
+    """The recorded divergence (``{"step", "message"}``), or None if the run has not diverged."""
+    try:
+        return json.loads(storage.read_text(storage.join(run_uri, DIVERGED_FILE)))
+    except FileNotFoundError:
+        return None
+
+
+def clear_divergence(run_uri: str) -> None:
+    """Forget a recorded divergence (a new attempt may use a lower learning rate)."""
+    storage.delete(storage.join(run_uri, DIVERGED_FILE))
 
 
 def _best(history: list[dict[str, Any]], run_uri: str) -> dict[str, Any] | None:

@@ -7,6 +7,11 @@ A bad row met while streaming (``data.on_bad_sample=error``) stops the run: the 
 in the run folder (``data_error.json``) and fails. Ray Train's retries would read the same bytes
 again, so each retry fails at once on that record instead of rebuilding the model and streams; the
 driver then reports the row as an input error (:func:`segray.launch.run_training`).
+
+Divergence (the loss or the weights became NaN or infinite, :class:`~segray.engine.Diverged`) is
+handled the same way: a retry would restore the last checkpoint and replay the same batches into
+the same blow-up (with ``train.max_failures=-1``, forever), so the worker records it
+(``diverged.json``) and every retry fails at once on the record.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from segray import report, storage
 from segray.checkpoint import checkpoint_name, load_state
 from segray.config import Config
 from segray.data import BadSampleError, DatasetError, eval_rows, train_collate
-from segray.engine import StepRunner, endless, save_checkpoint, setup_worker, to_floats
+from segray.engine import (
+    DIVERGED_FIX,
+    Diverged,
+    StepRunner,
+    endless,
+    save_checkpoint,
+    setup_worker,
+    to_floats,
+)
 from segray.evaluation import evaluate
 from segray.launch import data_seed
 from segray.runtime import cpu_threads, seed_everything
@@ -37,13 +50,20 @@ def run_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     Raises:
         BadSampleError: a bad row stopped the run (now or in an earlier attempt of this fit).
         DatasetError: so did a shard that differs from its manifest.
+        Diverged: training diverged (now or in an earlier attempt of this fit).
     """
     run_uri: str = loop_config["run_uri"]
     recorded = report.read_data_error(run_uri)
     if recorded is not None:  # an earlier attempt met it; the bytes have not changed since
         raise recorded
+    diverged = report.read_divergence(run_uri)
+    if diverged is not None:  # so would this attempt, from the same checkpoint and batches
+        raise Diverged(diverged["message"], diverged["step"])
     try:
         return _train(loop_config)
+    except Diverged as e:
+        report.write_divergence(run_uri, e.step, str(e))
+        raise
     except Exception as e:
         bad = data_error_in(e)
         if bad is not None:
@@ -256,16 +276,16 @@ def _report(cfg: Config, info: Any, run_uri: str, runner: StepRunner, history: l
     at the end, the summary, written once the final checkpoint is stored.
 
     Raises:
-        FloatingPointError: the weights hold NaN or infinite values; nothing is saved, so the
-            run's latest checkpoint stays one to resume from.
+        Diverged: the weights hold NaN or infinite values; nothing is saved, so the run's
+            latest checkpoint stays one to resume from.
     """
     step = runner.step_count
     bad = runner.nonfinite_tensors()
     if bad:
-        raise FloatingPointError(
+        raise Diverged(
             f"the model's weights became NaN or infinite by step {step} ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''}); step {step} is not checkpointed, so the run "
-            "resumes from its last good checkpoint; lower optim.lr or set optim.grad_clip")
+            f"resumes from its last good checkpoint; {DIVERGED_FIX}", step)
     if rank == 0:
         _say(f"[segray] eval @ step {step}: mIoU {metrics['val/mIoU']:.2f} "
              f"(majority-class baseline {metrics['val/majority_mIoU']:.2f})")

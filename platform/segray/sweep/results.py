@@ -28,7 +28,8 @@ from segray.sweep.spec import METRIC, STOPPED_FILE, SweepSpec
 
 CSV_FILE, MD_FILE, BEST_FILE, HTML_FILE = "trials.csv", "trials.md", "best.yaml", "report.html"
 BEST_SO_FAR_FILE = "best_so_far.png"
-ENDED = ("finished", "stopped", "error")  # statuses a resumed sweep does not run again
+ENDED = ("finished", "stopped", "diverged", "error")  # statuses a resumed sweep does not run again
+STATUSES = ("pending", "running", "interrupted", "finished", "stopped", "diverged", "error")
 
 
 @dataclass
@@ -38,8 +39,9 @@ class TrialRow:
     Attributes:
         trial: trial name (also its Train run name).
         status: ``pending``, ``running``, ``finished``, ``stopped`` (early, by the scheduler),
-            ``interrupted`` (running when the sweep was interrupted; ``--resume`` continues it) or
-            ``error``.
+            ``interrupted`` (running when the sweep was interrupted; ``--resume`` continues it),
+            ``diverged`` (its loss or weights became NaN or infinite; scored 0 for the search, see
+            :mod:`segray.sweep.trial`) or ``error``.
         knobs: the sampled value of every swept key.
         best_miou: highest validation mIoU over its evaluation rounds (None before the first).
         last_miou: mIoU of its latest evaluation.
@@ -106,6 +108,8 @@ def _status(tune_status: str, run: str, history: list[dict[str, Any]]) -> str:
         return "error"
     if tune_status not in ("RUNNING", "TERMINATED"):
         return "pending"
+    if storage.exists(storage.join(run, report.DIVERGED_FILE)):
+        return "diverged"
     if tune_status == "TERMINATED" and storage.exists(storage.join(run, report.SUMMARY_FILE)):
         return "finished"
     if storage.exists(storage.join(run, STOPPED_FILE)):
@@ -117,23 +121,24 @@ def _status(tune_status: str, run: str, history: list[dict[str, Any]]) -> str:
 
 
 def complete(spec: SweepSpec, rows: list[TrialRow]) -> bool:
-    """Whether every trial of the sweep has started and ended (finished, stopped or failed)."""
+    """Whether every trial of the sweep has started and ended (finished, stopped, diverged or
+    failed)."""
     return len(rows) >= spec.samples and all(r.status in ENDED for r in rows)
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
-    """The trial with the highest mIoU among those that ran to the end (else among all)."""
-    scored = [r for r in rows if r.best_miou is not None]
+    """The trial with the highest mIoU among those that ran to the end (else among all that did
+    not diverge: re-running a diverged trial's settings would diverge again)."""
+    scored = [r for r in rows if r.best_miou is not None and r.status != "diverged"]
     full = [r for r in scored if r.status == "finished"]
     pool = full or scored
     return max(pool, key=lambda r: r.best_miou) if pool else None
 
 
 def counts(rows: list[TrialRow]) -> dict[str, int]:
-    """Trials per status (each status, and done = finished + stopped)."""
-    n = {s: sum(1 for r in rows if r.status == s)
-         for s in ("pending", "running", "interrupted", "finished", "stopped", "error")}
-    n["done"] = n["finished"] + n["stopped"]
+    """Trials per status (each status, and done = finished + stopped + diverged)."""
+    n = {s: sum(1 for r in rows if r.status == s) for s in STATUSES}
+    n["done"] = n["finished"] + n["stopped"] + n["diverged"]
     return n
 
 
@@ -214,6 +219,7 @@ def plot_knob(spec: SweepSpec, rows: list[TrialRow], key: str) -> bytes:
                           ("stopped", dict(facecolors="none", edgecolors="tab:red")),
                           ("running", dict(color="tab:grey")),
                           ("interrupted", dict(facecolors="none", edgecolors="tab:grey")),
+                          ("diverged", dict(marker="x", color="tab:purple")),
                           ("error", dict(color="black"))):
         pts = [(x_of(r), r.best_miou) for r in scored if r.status == status]
         if pts:
@@ -322,7 +328,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}tr.best{{backgrou
 figure{{display:inline-block;margin:1em}}</style></head><body>
 <h1>Sweep {esc(spec.name)} — {esc(spec.method)}</h1>
 <p>{len(rows)} of {spec.samples} trials started: {n['finished']} finished, {n['stopped']} stopped
-early, {n['running']} running, {n['interrupted']} interrupted, {n['error']} failed. Search: Optuna TPE (seed {spec.seed}) maximising
+early, {n['running']} running, {n['interrupted']} interrupted, {n['diverged']} diverged,
+{n['error']} failed. Search: Optuna TPE (seed {spec.seed}) maximising
 {METRIC}; scheduler: {esc(scheduler)}. Folder: <code>{esc(spec.root)}</code>.</p>
 {verdict}
 <table>{''.join(table)}</table>

@@ -15,6 +15,12 @@ A trial whose run stops on a bad row (see :mod:`segray.worker`) records the row 
 once, the trials running beside it fail at their next poll (within a second), and the driver
 reports the row when Tune is done (:func:`segray.sweep.runner.run_sweep`). Those trials end in
 error, not stopped, so ``--resume`` runs them again from their latest checkpoints.
+
+A trial whose training diverges (the loss or weights became NaN or infinite; its Train run stops
+without retrying, see :mod:`segray.worker`) has found a bad point of the space, not a failure to
+retry: it ends as ``diverged`` with a last result of ``val/mIoU = 0`` (the worst score), so Optuna
+learns to avoid that region (TPE ignores failed trials) and ``--resume`` does not train it again.
+Its table row keeps the evaluations it made before diverging.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
             raise RuntimeError(f"{name} {why} but {run_uri} holds no evaluation to report")
         tune.report(last_result(evals[-1], spec.eval_every))
         return
+    diverged = report.read_divergence(run_uri)
+    if diverged is not None:  # the driver went down before Tune had its result
+        _report_divergence(name, diverged, spec.eval_every)
+        return
     recorded = report.read_data_error(spec.root)
     if recorded is not None:
         raise recorded
@@ -106,7 +116,22 @@ def run_trial(config: dict[str, Any], spec: SweepSpec, info: Any) -> None:
         recorded = report.read_data_error(run_uri)
         if recorded is not None:  # the row is in every trial's data
             report.write_data_error(spec.root, recorded)
-        raise
+        diverged = report.read_divergence(run_uri)
+        if recorded is not None or diverged is None:
+            raise
+        _report_divergence(name, diverged, spec.eval_every)
+
+
+DIVERGED_KEY = "diverged"  # in a diverged trial's last result (1), beside val/mIoU = 0
+
+
+def _report_divergence(name: str, diverged: dict[str, Any], eval_every: int) -> None:
+    """End a diverged trial with the worst score, which the searcher learns from."""
+    print(f"[segray] {name} diverged; it ends with val/mIoU 0 and is not resumed: "
+          f"{diverged['message']}")
+    step = int(diverged["step"])
+    tune.report({METRIC: 0.0, DIVERGED_KEY: 1, "step": step,
+                 ROUND_KEY: eval_round(step, eval_every)})
 
 
 def last_result(entry: dict[str, Any], eval_every: int) -> dict[str, Any]:
