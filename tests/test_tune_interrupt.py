@@ -1,5 +1,6 @@
 """Ctrl-C on a running sweep: jobs/tune.py exits 130 with the resume command, its table says which
-trials were interrupted (not stopped early), and ``--resume`` finishes them from their checkpoints.
+trials were interrupted (not stopped early), and ``--resume`` finishes them from their checkpoints,
+also once the sweep folder has moved.
 
 A local Ray instance started by the job itself; two trials of the supervised method, one at a
 time, no early stopping, so the only trial that can end without finishing is the interrupted one.
@@ -73,9 +74,15 @@ def test_sigint_interrupts_the_sweep_and_resume_finishes_it(tmp_path, small_data
     assert f"interrupted, to continue on resume: {victim}" in out
     checkpointed = max(_registered(sweep / "trials" / victim))
 
-    # 2. The printed command continues it: the interrupted trial resumes from its checkpoint.
+    # 2. The sweep folder moves to other storage (a copy to another bucket or mount): the printed
+    # command, pointed there, continues it; the interrupted trial resumes from its checkpoint,
+    # and nothing is written to the old folder (Tune's restored scheduler and callback held it).
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    sweep = sweep.rename(moved / "sw")
     cmd = shlex.split(line.removeprefix("resume it: "))
     assert cmd[:2] == ["python", "jobs/tune.py"]
+    cmd[cmd.index("--storage") + 1] = str(moved)
     resumed = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), *cmd[2:],
                               "--metrics-port", "0"], cwd=ROOT, env=env, timeout=240,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -87,3 +94,4 @@ def test_sigint_interrupts_the_sweep_and_resume_finishes_it(tmp_path, small_data
     history = _history(sweep / "trials" / victim)
     assert [h["step"] for h in history if h.get("event") == "resumed"] == [checkpointed]
     assert rows[victim]["resumes"] == "1" and int(rows[victim]["steps"]) == STEPS
+    assert not (runs / "sw").exists()

@@ -36,6 +36,8 @@ from segray.sweep.spec import (
     TrialNeed,
     concurrency,
     local_cpus,
+    running,
+    set_running,
     trial_need,
 )
 from segray.sweep.trial import run_trial, trial_name
@@ -58,6 +60,9 @@ class SweepProgress(tune.Callback):
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
         self._shown = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, spec=running(state["spec"]))  # where the sweep is now
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         # First loop step: a resumed sweep's report and gauges show the restored trials at once.
@@ -297,6 +302,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
             say(f"[segray] sweep metrics on http://127.0.0.1:{metrics.port}/metrics")
         if note:
             say(f"[segray] note: {note}")
+        set_running(spec)  # the restored scheduler and callback write to spec.root
         tuner = restore_tuner(spec, info) if restore else build_tuner(spec, info, k)
         # Tune catches SIGINT and SIGUSR1: it saves its state with the running trials unfinished,
         # stops them (TERMINATED, no error) and returns. The table tells them from trials that

@@ -17,7 +17,15 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from segray import report, storage
-from segray.sweep.spec import METRIC, ROUND_KEY, RUNGS_FILE, STOPPED_FILE, SweepSpec, eval_round
+from segray.sweep.spec import (
+    METRIC,
+    ROUND_KEY,
+    RUNGS_FILE,
+    STOPPED_FILE,
+    SweepSpec,
+    eval_round,
+    running,
+)
 from segray.sweep.trial import trial_name
 
 
@@ -49,6 +57,11 @@ class _ConcurrencyGate:
 
     spec: SweepSpec
     _held_ids: set[str]  # trial ids held back (PAUSED by this gate)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune restores the scheduler pickled when the sweep started, perhaps by an earlier
+        # segray with fewer attributes, and with the folder the sweep had then.
+        self.__dict__.update({"_held_ids": set(), **state, "spec": running(state["spec"])})
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -113,9 +126,7 @@ class SweepASHA(_ConcurrencyGate, ASHAScheduler):
         self._held_ids = set()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Tune restores the scheduler pickled when the sweep started, perhaps by an earlier
-        # segray whose SweepASHA had fewer attributes.
-        self.__dict__.update({"_unjudged": [], "_written": {}, "_held_ids": set(), **state})
+        super().__setstate__({"_unjudged": [], "_written": {}, **state})
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)

@@ -131,6 +131,22 @@ class SweepSpec:
         return cls(**raw)
 
 
+_RUNNING: dict[str, SweepSpec] = {}  # the sweep this driver runs, by name
+
+
+def set_running(spec: SweepSpec) -> None:
+    """Make ``spec`` the one :func:`running` returns for its name (the driver calls this before
+    Tune restores a sweep)."""
+    _RUNNING[spec.name] = spec
+
+
+def running(saved: SweepSpec) -> SweepSpec:
+    """The spec this driver runs in place of ``saved``, one that Tune unpickled from the sweep's
+    state with the scheduler and callbacks holding it: the folder may have moved since (a copy
+    to other storage, another mount), and they must write where the sweep is now."""
+    return _RUNNING.get(saved.name, saved)
+
+
 def eval_round(step: int, eval_every: int) -> int:
     """Evaluation round that ends at ``step`` (the run also evaluates at its last step).
 
