@@ -176,6 +176,7 @@ def test_train_evaluate_resume_on_s3(s3, dataset, changed, tmp_path):
                  "step_0000003/state.pt", "step_0000003/meta.json", "step_0000006/state.pt",
                  "step_0000006/meta.json"):
         assert f"runs/s3run/{name}" in keys, name
+    assert "runs/s3run/run.lock" not in keys  # the lease, released when the job ended
     summary = json.loads(s3.get("runs/s3run/summary.json"))
     assert summary["steps"] == 6 and summary["checkpoint"] == "s3://bucket/runs/s3run/step_0000006"
     assert summary["dataset"] == "s3://bucket/synth"
@@ -222,6 +223,7 @@ def test_sweep_on_s3(s3, dataset, tmp_path):
     for name in ("sweep.yaml", "trials.csv", "trials.md", "report.html", "best.yaml"):
         assert f"sweeps/s3sw/{name}" in keys, name
     assert any(k.startswith("sweeps/s3sw/tune/experiment_state-") for k in keys)  # Tune's state
+    assert "sweeps/s3sw/run.lock" not in keys  # the driver's lease, released when it ended
     rows = list(csv.DictReader(io.StringIO(s3.get("sweeps/s3sw/trials.csv").decode())))
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"finished", "stopped"}, rows
     for r in rows:  # each trial's Train run, and ASHA's judgement at its rung (round 1)

@@ -221,9 +221,15 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     A run is identified by ``storage/name``: re-running with the same name resumes from its latest
     checkpoint instead of starting over (see :func:`check_resume` for what may change).
 
+    One process at a time works on a run: it holds the run folder's lease
+    (:mod:`segray.runlock`) from before the folder is read until it returns or fails.
+
     Raises:
         UsageError: for bad data (also a bad row met while streaming: the run stops, see
-            :mod:`segray.worker`), method or storage arguments.
+            :mod:`segray.worker`), method or storage arguments, or a run another live process
+            is working on.
+        Diverged: the loss or the weights became NaN or infinite; the run stopped without
+            retrying and keeps its checkpoints.
         ray.train.TrainingFailedError: when workers fail more than ``train.max_failures`` times.
     """
     if cfg.data.uri:
@@ -232,6 +238,36 @@ def run_training(cfg: Config, callbacks: list | None = None, quiet: bool = False
     run_root = storage.absolute(cfg.storage or default_storage())
     cfg.storage = run_root
     run_uri = storage.join(run_root, cfg.name)
+    lease = take_lease(run_uri, "a training run")
+    try:
+        return _run_training(cfg, run_uri, run_root, callbacks, quiet)
+    finally:
+        lease.release()
+
+
+def take_lease(uri: str, holder: str) -> Any:
+    """The lease of a run or sweep folder (:class:`segray.runlock.RunLease`), renewed until
+    released; a lease whose holder is gone is taken over, with a note.
+
+    Raises:
+        UsageError: another live process holds it (named, with when its lease would expire).
+    """
+    from segray.runlock import RunInUse, RunLease
+
+    try:
+        lease = RunLease(uri, holder).acquire()
+    except RunInUse as e:
+        raise UsageError(str(e)) from None
+    gone = lease.taken_over
+    if gone is not None:
+        print(f"[segray] note: took over {lease.lock_uri} from {gone.get('holder', '?')} on host "
+              f"{gone.get('host', '?')} (pid {gone.get('pid', '?')}), which is gone",
+              file=sys.stderr)
+    return lease
+
+
+def _run_training(cfg: Config, run_uri: str, run_root: str, callbacks: list | None,
+                  quiet: bool) -> dict[str, Any]:
     changed = check_resume(cfg, run_uri)  # before anything is written or started
     info = resolve_data(cfg)
     resumed = changed is not None

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from segray import launch, report, storage
-from segray.launch import UsageError, resolve_data, stream_datasets
+from segray.launch import UsageError, resolve_data, stream_datasets, take_lease
 from segray.sweep import exporter, results
 
 # SweepASHA is imported here too: sweeps pickled before the schedulers moved name it here.
@@ -271,11 +271,23 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, metrics_port: int = expo
         metrics_port: Prometheus port on 127.0.0.1 (0 = none).
         say: where progress lines go.
 
+    One driver at a time works on a sweep: it holds the sweep folder's lease
+    (:mod:`segray.runlock`) while it runs.
+
     Raises:
         UsageError: bad data or resources; also a bad row a trial met while streaming (the
-            trials after it do not start; see :mod:`segray.sweep.trial`).
+            trials after it do not start; see :mod:`segray.sweep.trial`); another live driver
+            working on this sweep.
         OSError: the metrics port is taken.
     """
+    lease = take_lease(spec.root, "a sweep driver")
+    try:
+        return _run_sweep(spec, resume, metrics_port, say)
+    finally:
+        lease.release()
+
+
+def _run_sweep(spec: SweepSpec, resume: bool, metrics_port: int, say: Any) -> SweepOutcome:
     from methods import get_method
 
     base = trial_config(spec.base, {}, get_method(spec.method).Knobs, spec.method)
