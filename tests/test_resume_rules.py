@@ -49,6 +49,21 @@ def test_resume_may_not_go_below_the_newest_checkpoint(tmp_path):
     assert launch.check_resume(cfg, str(run)) == []
 
 
+def test_resuming_says_when_the_learning_rate_jumps(tmp_path, capsys):
+    run, cfg = _run_folder(tmp_path, steps=20)  # poly over 20 steps: decayed to 0 at step 20
+    cfg.train.eval_every = 5
+    assert launch.check_resume(cfg, str(run)) == ["train.eval_every"]
+    assert "learning rate" not in capsys.readouterr().err
+    cfg.train.steps = 40
+    launch.check_resume(cfg, str(run))
+    now = cfg.optim.lr * 0.5 ** cfg.optim.poly_power
+    assert (f"note: the learning rate at step 20, where the run resumes, goes from 0 to "
+            f"{now:.3g} (the poly schedule now spans 40 steps, not 20)") in capsys.readouterr().err
+    cfg.train.steps, cfg.optim.min_lr = 20, cfg.optim.lr / 10
+    launch.check_resume(cfg, str(run))
+    assert "goes from 0 to 0.0002 (its optim settings changed)" in capsys.readouterr().err
+
+
 def test_a_finished_run_is_extended_or_left_alone(tmp_path):
     run, cfg = _run_folder(tmp_path, steps=20)
     (run / report.SUMMARY_FILE).write_text(json.dumps({"steps": 20}))
