@@ -16,8 +16,11 @@ import time
 import uuid
 
 import pytest
+import yaml
 from conftest import ROOT, job_env
 from test_tune import _history, _kill_marked, _registered, _rows
+
+from segray import launch
 
 STEPS, EVAL_EVERY = 40, 10
 
@@ -93,5 +96,9 @@ def test_sigint_interrupts_the_sweep_and_resume_finishes_it(tmp_path, small_data
     assert len(rows) == 2 and {r["status"] for r in rows.values()} == {"finished"}, rows
     history = _history(sweep / "trials" / victim)
     assert [h["step"] for h in history if h.get("event") == "resumed"] == [checkpointed]
+    # The resumed trial's streams draw new crops (their seed mixes in the step it resumed from).
+    seed = yaml.safe_load((sweep / "trials" / victim / "config.yaml").read_text())["seed"]
+    assert [h["stream_seed"] for h in history if h.get("event") == "resumed"] == [
+        launch.data_seed(seed, checkpointed)] != [launch.data_seed(seed, 0)]
     assert rows[victim]["resumes"] == "1" and int(rows[victim]["steps"]) == STEPS
     assert not (runs / "sw").exists()

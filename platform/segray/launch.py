@@ -196,6 +196,8 @@ def build_trainer(cfg: Config, info: Any, run_root: str, callbacks: list | None 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg, "info": info, "run_uri": run_uri, "skips": skips,
+                           # recorded in the history when a worker resumes (new crops, see data_seed)
+                           "stream_seed": data_seed(cfg.seed, resume_step),
                            # a private local instance dies with the driver: nothing scrapes it
                            "flush_metrics": bool(os.environ.get("RAY_ADDRESS"))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,

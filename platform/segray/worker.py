@@ -109,7 +109,8 @@ def _train(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             state = load_state(folder)
         runner.load_state_dict(state)
         history = [h for h in state.get("history", []) if h.get("step", 0) <= runner.step_count]
-        history.append({"step": runner.step_count, "event": "resumed", "rank": rank})
+        history.append({"step": runner.step_count, "event": "resumed", "rank": rank,
+                        "stream_seed": loop_config.get("stream_seed")})
         if rank == 0:
             _say(f"[segray] resumed from {checkpoint_name(runner.step_count)}")
     seed_everything(cfg.seed + 1009 * rank + runner.step_count)
