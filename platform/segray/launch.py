@@ -405,35 +405,12 @@ def check_resume(cfg: Config, run_uri: str) -> list[str] | None:
             f"({', '.join(changed)}) would only return its summary: raise train.steps to extend "
             "it, or pick a new --name for a new run")
     if changed and last:
+        from segray.optim import lr_change
+
         note = lr_change(old, cfg, last)
         if note:
             print(f"[segray] note: {note}", file=sys.stderr)
     return changed
-
-
-def lr_change(old: dict[str, Any], cfg: Config, step: int) -> str | None:
-    """What resuming at ``step`` does to the learning rate when settings it depends on changed,
-    or None when it stays (within 1 %). A poly schedule is recomputed over the new
-    ``train.steps``, so extending a run raises its learning rate again from where it had
-    decayed to."""
-    from segray.config import OptimConfig
-    from segray.optim import lr_factor
-
-    fields = {f.name for f in dataclasses.fields(OptimConfig)}
-    try:
-        before = OptimConfig(**{k: v for k, v in (old.get("optim") or {}).items() if k in fields})
-        total = int((old.get("train") or {}).get("steps", cfg.train.steps))
-        was = before.lr * lr_factor(step, total, before)
-    except (TypeError, ValueError, ZeroDivisionError):  # a config from another segray: say nothing
-        return None
-    now = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim)
-    if abs(now - was) <= 0.01 * max(abs(was), abs(now)):
-        return None
-    why = (f"the {cfg.optim.schedule} schedule now spans {cfg.train.steps} steps, not {total}"
-           if total != cfg.train.steps and cfg.optim.schedule == "poly" else
-           "its optim settings changed")
-    return (f"the learning rate at step {step}, where the run resumes, goes from {was:.3g} to "
-            f"{now:.3g} ({why})")
 
 
 def backup_config(run_uri: str) -> str | None:

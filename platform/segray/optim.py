@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -84,3 +85,25 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     if max_norm <= 0:
         return math.nan
     return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def lr_change(old: dict[str, Any], cfg: Any, step: int) -> str | None:
+    """What resuming at ``step`` does to the learning rate when settings it depends on changed,
+    or None when it stays (within 1 %). A poly schedule is recomputed over the new
+    ``train.steps``, so extending a run raises its learning rate again from where it had
+    decayed to."""
+    fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    try:
+        before = OptimConfig(**{k: v for k, v in (old.get("optim") or {}).items() if k in fields})
+        total = int((old.get("train") or {}).get("steps", cfg.train.steps))
+        was = before.lr * lr_factor(step, total, before)
+    except (TypeError, ValueError, ZeroDivisionError):  # a config from another segray: say nothing
+        return None
+    now = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim)
+    if abs(now - was) <= 0.01 * max(abs(was), abs(now)):
+        return None
+    why = (f"the {cfg.optim.schedule} schedule now spans {cfg.train.steps} steps, not {total}"
+           if total != cfg.train.steps and cfg.optim.schedule == "poly" else
+           "its optim settings changed")
+    return (f"the learning rate at step {step}, where the run resumes, goes from {was:.3g} to "
+            f"{now:.3g} ({why})")
